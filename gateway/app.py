@@ -1,0 +1,304 @@
+"""`create_app(settings)`: routes, the error middleware, and resources in cleanup contexts.
+
+Start-up order (torn down in reverse): Redis (embedded when no URL is
+given) -> the store and its scripts -> the HTTP client for TikTok (or the
+sandbox file) -> the forwarder and the gauge refresher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from . import ingest, passthrough
+from .embedded import EmbeddedRedis
+from .errors import (
+    AuthError,
+    GatewayError,
+    InvalidEvent,
+    InvalidRequest,
+    NotFound,
+    OriginNotAllowed,
+    RateLimited,
+    RequestError,
+    StoreUnavailable,
+)
+from .forwarder import Forwarder
+from .ingest import CONTEXT, RATE_LIMITER, REQUEST_ID, IngestContext, RateLimiter, envelope
+from .metrics import Metrics, make_metrics
+from .settings import Settings
+from .store import RedisClient, Store, connect
+from .upstream import EventSender, SandboxSink, TikTokClient
+
+log = logging.getLogger("gateway.app")
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+GAUGE_REFRESH_SECONDS = 5.0
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+@dataclass(slots=True)
+class Resources:
+    """What the cleanup contexts build; filled in as each one starts."""
+
+    redis_url: str = ""
+    redis: RedisClient | None = None
+    store: Store | None = None
+    session: aiohttp.ClientSession | None = None
+    forwarder: Forwarder | None = None
+    sandbox_log: Path | None = None
+
+
+RESOURCES: web.AppKey[Resources] = web.AppKey("resources", Resources)
+
+
+def sandbox_log_path(settings: Settings) -> Path:
+    return settings.data_dir / "sandbox-forwarded.jsonl"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.time,
+    forward: bool = True,
+) -> web.Application:
+    """The whole gateway as an aiohttp application; `forward=False` leaves the loop off."""
+    app = web.Application(
+        middlewares=[error_middleware, ingest.cors_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    metrics = make_metrics(registry or CollectorRegistry(), settings.pixels)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[RESOURCES] = Resources()
+    app[RATE_LIMITER] = RateLimiter(settings.pixel_rate_limit, settings.pixel_rate_burst)
+    app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_make_forwarder_ctx(clock, forward))
+    _add_routes(app, settings)
+    return app
+
+
+def _add_routes(app: web.Application, settings: Settings) -> None:
+    r = app.router
+    r.add_post("/open_api/v1.3/event/track/", ingest.event_track)
+    for version in ("v1.2", "v1.3"):
+        r.add_post(f"/open_api/{version}/pixel/track/", ingest.pixel_track)
+        r.add_post(f"/open_api/{version}/pixel/batch/", ingest.pixel_batch)
+    r.add_post("/pixel/events", ingest.browser_events)
+    r.add_route("OPTIONS", "/pixel/events", ingest.browser_preflight)
+    r.add_get("/metrics", metrics_handler)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/debug/events/{pixel}/{event_id}/{event}", ingest.debug_event)
+    r.add_route("*", "/open_api/{tail:.*}", passthrough_handler)
+
+
+# -- resources -----------------------------------------------------------------
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, res = app[SETTINGS], app[RESOURCES]
+    embedded: EmbeddedRedis | None = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        res.redis_url = await embedded.start()
+        log.info("embedded Redis at %s (append-only file in %s)", res.redis_url, settings.data_dir)
+    else:
+        res.redis_url = settings.redis_url
+    res.redis = connect(res.redis_url, cluster=settings.redis_cluster)
+    res.store = Store(
+        res.redis,
+        shards=settings.shards,
+        merge_window=settings.merge_window,
+        dedup_window=settings.dedup_window,
+        early_flush=settings.early_flush,
+        legacy_aliases=settings.legacy_aliases,
+    )
+    try:
+        await res.store.load_scripts()
+    except StoreUnavailable as exc:
+        # Start anyway: /readyz says 503 until Redis answers, and nothing is acknowledged.
+        log.warning("Redis not reachable at start-up (%s); will keep trying", exc)
+    try:
+        yield
+    finally:
+        await res.redis.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, res = app[SETTINGS], app[RESOURCES]
+    res.session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=100, limit_per_host=50),
+        timeout=aiohttp.ClientTimeout(total=settings.upstream_timeout * 3),
+        auto_decompress=False,
+    )
+    if settings.sandbox:
+        res.sandbox_log = sandbox_log_path(settings)
+    try:
+        yield
+    finally:
+        await res.session.close()
+
+
+def _make_forwarder_ctx(
+    clock: Callable[[], float], forward: bool
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
+        settings, res, metrics = app[SETTINGS], app[RESOURCES], app[METRICS]
+        assert res.store is not None and res.session is not None
+        senders = _senders(settings, res.session, res.sandbox_log)
+        res.forwarder = Forwarder(res.store, senders, settings, metrics, clock=clock)
+        app[CONTEXT] = IngestContext(settings, res.store, metrics, res.forwarder, clock)
+        tasks = [asyncio.create_task(_refresh_gauges(res.store, metrics), name="gauges")]
+        if forward:
+            tasks.append(asyncio.create_task(res.forwarder.run(), name="forwarder"))
+        try:
+            yield
+        finally:
+            res.forwarder.stop()
+            # Let an in-flight batch finish and record its outcome; past the grace
+            # period its lease brings it back for any instance to send.
+            _done, pending = await asyncio.wait(tasks[1:], timeout=SHUTDOWN_GRACE_SECONDS) \
+                if len(tasks) > 1 else (set(), set())
+            for task in [tasks[0], *pending]:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    return forwarder_ctx
+
+
+def _senders(
+    settings: Settings, session: aiohttp.ClientSession, sandbox_log: Path | None
+) -> Callable[[str], tuple[EventSender, str] | None]:
+    if sandbox_log is not None:
+        sink = SandboxSink(sandbox_log)
+        return lambda _pixel: (sink, "")
+    client = TikTokClient(session, settings.upstream_url, timeout=settings.upstream_timeout)
+
+    def sender_for(pixel_code: str) -> tuple[EventSender, str] | None:
+        token = settings.pixels.get(pixel_code)
+        return None if token is None else (client, token)
+
+    return sender_for
+
+
+async def _refresh_gauges(store: Store, metrics: Metrics) -> None:
+    """Pending and dead-letter gauges, read in the background so a scrape never waits on Redis."""
+    while True:
+        try:
+            pending, dead = await store.counts()
+            metrics.pending.set(pending)
+            metrics.dead_letters.set(dead)
+        except StoreUnavailable:
+            metrics.redis_errors.inc()
+        await asyncio.sleep(GAUGE_REFRESH_SECONDS)
+
+
+# -- handlers ------------------------------------------------------------------
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The one place errors become answers, in TikTok's envelope."""
+    request[REQUEST_ID] = uuid.uuid4().hex
+    tiktok_path = request.path.startswith("/open_api/")
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        _count_rejection(request, exc)
+        status = exc.tiktok_status if tiktok_path else exc.http_status
+        response = envelope(request, exc.code, exc.message, status=status)
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return response
+    except StoreUnavailable as exc:
+        request.app[METRICS].redis_errors.inc()
+        request.app[METRICS].rejected.labels("store_unavailable").inc()
+        log.warning("refused %s %s: %s", request.method, request.path, exc)
+        return envelope(
+            request, exc.code, "Temporarily unavailable: nothing was stored, please retry",
+            status=exc.http_status,
+        )
+    except web.HTTPRequestEntityTooLarge:
+        request.app[METRICS].rejected.labels("too_large").inc()
+        limit = request.app[SETTINGS].max_body_bytes
+        return envelope(request, 40002, f"body: larger than {limit} bytes", status=413)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = NotFound.code if exc.status == 404 else 40000
+        message = f"{exc.reason}: {request.method} {request.path}"
+        return envelope(request, code, message, status=exc.status)
+    except GatewayError as exc:
+        log.error("unexpected gateway error on %s: %s", request.path, exc)
+        return envelope(request, 50000, "internal error", status=500)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return envelope(request, 50000, "internal error", status=500)
+
+
+def _count_rejection(request: web.Request, exc: RequestError) -> None:
+    metrics = request.app[METRICS]
+    if isinstance(exc, InvalidEvent):
+        return  # counted per event where the events were parsed
+    reason = {
+        AuthError: "auth",
+        OriginNotAllowed: "origin",
+        RateLimited: "rate_limited",
+        InvalidRequest: "invalid_request",
+    }.get(type(exc))
+    if isinstance(exc, AuthError) and exc.code == 40001:
+        reason = "unknown_pixel"
+    if reason is not None:
+        metrics.rejected.labels(reason).inc()
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"}, dumps=lambda o: orjson.dumps(o).decode())
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when Redis answers and our scripts are loaded (reloading them if flushed)."""
+    store = request.app[RESOURCES].store
+    try:
+        assert store is not None
+        await store.load_scripts()
+    except StoreUnavailable as exc:
+        return web.json_response(
+            {"status": "unavailable", "redis": str(exc)}, status=503,
+            dumps=lambda o: orjson.dumps(o).decode(),
+        )
+    return web.json_response({"status": "ready"}, dumps=lambda o: orjson.dumps(o).decode())
+
+
+async def passthrough_handler(request: web.Request) -> web.StreamResponse:
+    """Other /open_api/ paths go to TikTok unchanged: a client's whole base URL can point here."""
+    settings, res = request.app[SETTINGS], request.app[RESOURCES]
+    if not settings.passthrough or res.session is None:
+        raise NotFound(f"{request.path} is not served here (GATEWAY_PASSTHROUGH=0)")
+    return await passthrough.proxy(request, res.session, settings.upstream_url)

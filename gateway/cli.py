@@ -1,0 +1,196 @@
+"""`tiktok-gateway`: serve, check-config, inspect, dead-letters.
+
+The only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+from . import __version__
+from .app import create_app, sandbox_log_path
+from .embedded import EmbeddedRedis
+from .errors import ConfigError, GatewayError
+from .logs import setup_logging
+from .settings import Settings
+from .store import Store, connect
+
+log = logging.getLogger("gateway.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and of `python -m gateway`."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ, args.config)
+    except ConfigError as exc:
+        print(f"tiktok-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    command = args.command or "serve"
+    try:
+        if command == "serve":
+            return serve(settings)
+        return asyncio.run(_admin(command, args, settings))
+    except ConfigError as exc:
+        print(f"tiktok-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"tiktok-gateway: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiktok-gateway",
+        description="Deduplicating gateway for TikTok's Events API.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="TOML file setting GATEWAY_* names; the environment wins over it",
+    )
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the gateway (the default)")
+    sub.add_parser("check-config", help="validate configuration and Redis reach, then exit")
+    inspect = sub.add_parser("inspect", help="print a key's state and timeline")
+    inspect.add_argument("pixel")
+    inspect.add_argument("event_id")
+    inspect.add_argument("event")
+    dead = sub.add_parser("dead-letters", help="list or replay dead letters")
+    dead_sub = dead.add_subparsers(dest="action", required=True)
+    listing = dead_sub.add_parser("list", help="show dead letters")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    replay = dead_sub.add_parser("replay", help="send dead letters again")
+    replay.add_argument("ids", nargs="*", help="dead-letter ids to replay")
+    replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    return parser
+
+
+def serve(settings: Settings) -> int:
+    """Run the gateway until SIGINT or SIGTERM."""
+    mode = (
+        f"SANDBOX mode: no GATEWAY_PIXELS, any pixel accepted, forwards written to "
+        f"{sandbox_log_path(settings)}"
+        if settings.sandbox
+        else f"forwarding {len(settings.pixels)} pixel(s) to {settings.upstream_url}"
+    )
+    redis = settings.redis_url or f"embedded (data in {settings.data_dir})"
+    log.info("tiktok-gateway %s listening on http://%s", __version__, settings.listen)
+    log.info("Redis: %s", _redact(redis))
+    log.info("%s", mode)
+    if not settings.sandbox and not settings.allowed_origins:
+        log.warning("GATEWAY_ALLOWED_ORIGINS is empty: browsers cannot post to /pixel/events")
+    web.run_app(
+        create_app(settings),
+        host=settings.listen_host,
+        port=settings.listen_port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=10.0,
+    )
+    return 0
+
+
+@asynccontextmanager
+async def _store(settings: Settings) -> AsyncIterator[Store]:
+    """A store on the configured Redis; with none, the running gateway's or our own embedded one."""
+    embedded = None
+    url = settings.redis_url
+    socket = (settings.data_dir / "redis.sock").absolute()
+    if url is None and socket.exists():
+        url = f"unix://{socket}"
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        url = await embedded.start()
+    client = connect(url, cluster=settings.redis_cluster)
+    try:
+        yield Store(
+            client,
+            shards=settings.shards,
+            merge_window=settings.merge_window,
+            dedup_window=settings.dedup_window,
+            early_flush=settings.early_flush,
+            legacy_aliases=settings.legacy_aliases,
+        )
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _admin(command: str, args: argparse.Namespace, settings: Settings) -> int:
+    async with _store(settings) as store:
+        if command == "check-config":
+            await store.load_scripts()
+            mode = "sandbox" if settings.sandbox else f"{len(settings.pixels)} pixel(s)"
+            print(f"configuration OK ({mode}); Redis reachable; scripts loaded")
+            return 0
+        if command == "inspect":
+            state = await store.inspect(args.pixel, args.event_id, args.event)
+            if state is None:
+                print("no such key: never seen, or forgotten after the dedup window")
+                return 1
+            print(orjson.dumps(state, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        if args.action == "list":
+            return await _list_dead_letters(store, args.json)
+        return await _replay(store, args.ids, args.all)
+
+
+async def _list_dead_letters(store: Store, as_json: bool) -> int:
+    letters = await store.dead_letters()
+    if as_json:
+        for dl in letters:
+            print(orjson.dumps({"id": dl.id, "member": dl.member, **dl.letter}).decode())
+        return 0
+    if not letters:
+        print("no dead letters")
+        return 0
+    print(
+        f"{'ID':<20} {'PIXEL':<22} {'EVENT':<18} {'EVENT_ID':<24} {'REASON':<9} {'CODE':<6} "
+        "MESSAGE"
+    )
+    for dl in letters:
+        letter, event = dl.letter, dl.letter.get("event", {})
+        print(
+            f"{dl.id:<20} {letter.get('pixel_code', ''):<22} {event.get('event', ''):<18} "
+            f"{event.get('event_id', '')!s:<24} {letter.get('reason', ''):<9} "
+            f"{letter.get('code') or '':<6} {letter.get('message', '')}"
+        )
+    print(f"{len(letters)} dead letter(s)")
+    return 0
+
+
+async def _replay(store: Store, ids: Sequence[str], replay_all: bool) -> int:
+    if not ids and not replay_all:
+        print("name dead-letter ids to replay, or --all", file=sys.stderr)
+        return 2
+    letters = await store.dead_letters()
+    chosen = letters if replay_all else [dl for dl in letters if dl.id in set(ids)]
+    unknown = set(ids) - {dl.id for dl in chosen}
+    for entry_id in sorted(unknown):
+        print(f"no dead letter {entry_id}", file=sys.stderr)
+    queued = await store.replay(chosen, time.time())
+    print(f"replayed {queued} dead letter(s); they leave with the next forward")
+    return 1 if unknown else 0
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a Redis URL before it is logged."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url

@@ -1,0 +1,104 @@
+"""The gateway's exceptions, and the TikTok codes they answer with.
+
+    GatewayError
+    ├── ConfigError            bad configuration; stops start-up with one line
+    ├── RequestError           the client's fault; answered in TikTok's envelope
+    │   ├── InvalidRequest     malformed body or field (names the field)
+    │   │   └── InvalidEvent   one event of a request is malformed
+    │   ├── AuthError          missing or wrong Access-Token, unknown pixel
+    │   ├── PayloadTooLarge    body over the size limit
+    │   ├── OriginNotAllowed   browser request from an origin not configured
+    │   ├── NotFound           no such endpoint, or debug is off
+    │   └── RateLimited        a client sent too much
+    └── StoreUnavailable       Redis cannot be reached; nothing was acknowledged
+
+Handlers raise these; one middleware (`app.error_middleware`) turns them into
+responses. TikTok answers errors on its own paths as HTTP 200 with a non-zero
+`code`, and so do we where a client of TikTok expects it (`tiktok_status`).
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """A configuration variable is missing or malformed."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+class RequestError(GatewayError):
+    """An error caused by the request; carries TikTok's code and an HTTP status."""
+
+    code = 40000
+    http_status = 400
+    # Status on TikTok-compatible paths: TikTok itself answers 200 with a code.
+    tiktok_status = 200
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(RequestError):
+    """The body, or one of its fields, is malformed."""
+
+    code = 40002
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.reason = message
+
+
+class InvalidEvent(InvalidRequest):
+    """One event of a request is malformed; the others may still be accepted."""
+
+
+class AuthError(RequestError):
+    """Missing or wrong Access-Token (40104, 40105) or unknown pixel (40001)."""
+
+    http_status = 401
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PayloadTooLarge(RequestError):
+    code = 40002
+    http_status = 413
+    tiktok_status = 413
+
+
+class OriginNotAllowed(RequestError):
+    code = 40001
+    http_status = 403
+
+
+class NotFound(RequestError):
+    code = 40400
+    http_status = 404
+    tiktok_status = 404
+
+
+class RateLimited(RequestError):
+    code = 40100
+    http_status = 429
+    tiktok_status = 429
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreUnavailable(GatewayError):
+    """Redis did not answer; the request was not stored and may be retried."""
+
+    code = 50002
+    http_status = 503

@@ -1,0 +1,340 @@
+"""Where events enter: HTTP handlers, bytes in -> events -> store -> TikTok-style answer.
+
+Server sources post TikTok's own bodies with `Access-Token`; the browser
+posts to `/pixel/events` with no secret, so there the request itself
+vouches for ip, user agent and cookies, and only configured pixels and
+origins are accepted. "Accepted" (code 0) means stored in Redis.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import formats
+from .errors import (
+    AuthError,
+    InvalidEvent,
+    InvalidRequest,
+    NotFound,
+    OriginNotAllowed,
+    RateLimited,
+)
+from .events import Event
+from .forwarder import Forwarder
+from .metrics import WARNING_KINDS, Metrics
+from .settings import Settings
+from .store import IngestResult, Store
+
+log = logging.getLogger("gateway.ingest")
+
+Parser = Callable[[Any, formats.ParseOptions], formats.ParsedBody]
+PARTIAL_SUCCESS = 20001
+
+
+@dataclass(frozen=True, slots=True)
+class IngestContext:
+    """What the handlers need, built once by `create_app`."""
+
+    settings: Settings
+    store: Store
+    metrics: Metrics
+    forwarder: Forwarder | None
+    clock: Callable[[], float] = time.time
+
+
+CONTEXT: web.AppKey[IngestContext] = web.AppKey("ingest_context", IngestContext)
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+
+
+def envelope(
+    request: web.Request,
+    code: int = 0,
+    message: str = "OK",
+    data: dict[str, Any] | None = None,
+    status: int = 200,
+) -> web.Response:
+    """TikTok's response envelope, so clients' existing error handling works."""
+    request_id = request.get(REQUEST_ID) or uuid.uuid4().hex
+    body = {"code": code, "message": message, "request_id": request_id, "data": data or {}}
+    return web.Response(
+        body=orjson.dumps(body),
+        status=status,
+        content_type="application/json",
+        headers={"X-Request-Id": request_id},
+    )
+
+
+# -- server sources ------------------------------------------------------------
+
+
+async def event_track(request: web.Request) -> web.Response:
+    """POST /open_api/v1.3/event/track/ — an Events API 2.0 body."""
+    return await _server_ingest(request, formats.parse_event_track, "event_track")
+
+
+async def pixel_track(request: web.Request) -> web.Response:
+    """POST /open_api/v1.2|v1.3/pixel/track/ — one Events 1.0 event."""
+    return await _server_ingest(request, formats.parse_pixel_track, "pixel_track")
+
+
+async def pixel_batch(request: web.Request) -> web.Response:
+    """POST /open_api/v1.2|v1.3/pixel/batch/ — `pixel_code` and `batch[]`."""
+    return await _server_ingest(request, formats.parse_pixel_batch, "pixel_batch")
+
+
+async def _server_ingest(request: web.Request, parse: Parser, endpoint: str) -> web.Response:
+    ctx = request.app[CONTEXT]
+    started = time.perf_counter()
+    now = ctx.clock()
+    parsed = parse(formats.decode_json(await request.read()), _options(ctx, now))
+    authenticate(ctx.settings, parsed.pixel_code, request.headers.get("Access-Token"))
+    response = await _store_and_answer(request, ctx, parsed, now)
+    ctx.metrics.ingest_duration.labels(endpoint).observe(time.perf_counter() - started)
+    return response
+
+
+def authenticate(settings: Settings, pixel_code: str | None, token: str | None) -> None:
+    """Check the Access-Token against the pixel's configured one, in constant time."""
+    if settings.sandbox:
+        return
+    expected = settings.pixels.get(pixel_code or "")
+    if expected is None:
+        raise AuthError(40001, f"No permission to operate pixel code: {pixel_code}")
+    if not token:
+        raise AuthError(40104, "Access token is null, please check the Access-Token header")
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise AuthError(40105, "Access token is incorrect or has been revoked")
+
+
+# -- the browser -----------------------------------------------------------------
+
+
+async def browser_events(request: web.Request) -> web.Response:
+    """POST /pixel/events — one event or a list, JSON or a text/plain beacon."""
+    ctx = request.app[CONTEXT]
+    started = time.perf_counter()
+    now = ctx.clock()
+    check_origin(ctx.settings, request.headers.get("Origin"))
+    client_ip = client_address(request, ctx.settings)
+    limiter = request.app[RATE_LIMITER]
+    if not limiter.allow(client_ip or "unknown", time.monotonic()):
+        raise RateLimited("Too many requests from this client", retry_after=1.0)
+    browser = formats.BrowserContext(
+        ip=client_ip,
+        user_agent=request.headers.get("User-Agent"),
+        ttp=request.cookies.get("_ttp"),
+        ttclid_cookie=request.cookies.get("ttclid"),
+    )
+    doc = formats.decode_json(await request.read())
+    parsed = _only_configured_pixels(
+        ctx, formats.parse_browser(doc, _options(ctx, now), browser)
+    )
+    response = await _store_and_answer(request, ctx, parsed, now)
+    ctx.metrics.ingest_duration.labels("browser").observe(time.perf_counter() - started)
+    return response
+
+
+async def browser_preflight(request: web.Request) -> web.Response:
+    """OPTIONS /pixel/events — CORS preflight for configured origins only."""
+    ctx = request.app[CONTEXT]
+    check_origin(ctx.settings, request.headers.get("Origin"))
+    return web.Response(status=204)
+
+
+def origin_allowed(settings: Settings, origin: str) -> bool:
+    allowed = settings.allowed_origins
+    if not allowed:
+        return settings.sandbox  # sandbox mode is for trying things out from any page
+    return "*" in allowed or origin.rstrip("/") in allowed
+
+
+def check_origin(settings: Settings, origin: str | None) -> None:
+    # Requests without Origin are not from a browser page (curl, a server): CORS
+    # cannot protect anything there, and the pixel allow-list still applies.
+    if origin is not None and not origin_allowed(settings, origin):
+        raise OriginNotAllowed(f"Origin {origin} is not allowed (GATEWAY_ALLOWED_ORIGINS)")
+
+
+@web.middleware
+async def cors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    """Add CORS headers to /pixel/ answers (errors included) for allowed origins."""
+    response: web.StreamResponse = await handler(request)
+    origin = request.headers.get("Origin")
+    if (
+        origin
+        and request.path.startswith("/pixel/")
+        and origin_allowed(request.app[CONTEXT].settings, origin)
+    ):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+        response.headers["Access-Control-Max-Age"] = "600"
+        response.headers["Vary"] = "Origin"
+    return response
+
+
+def client_address(request: web.Request, settings: Settings) -> str | None:
+    """The browser's address: the peer, or X-Forwarded-For when the peer is a trusted proxy."""
+    peer = request.remote
+    if not peer or not settings.trusted_proxies:
+        return peer
+    hops = [peer]
+    for header in request.headers.getall("X-Forwarded-For", []):
+        hops[:0] = [h.strip() for h in header.split(",") if h.strip()]
+    # Walk from the nearest hop back while it is one of our proxies.
+    for hop in reversed(hops):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop
+        if not any(address in net for net in settings.trusted_proxies):
+            return hop
+    return hops[0]
+
+
+def _only_configured_pixels(ctx: IngestContext, parsed: formats.ParsedBody) -> formats.ParsedBody:
+    if ctx.settings.sandbox:
+        return parsed
+    events, refused = [], list(parsed.refused)
+    for index, event in enumerate(parsed.events):
+        if event.pixel_code in ctx.settings.pixels:
+            events.append(event)
+        else:
+            refused.append(formats.Refusal(index, "pixel_code", "unknown pixel code"))
+            ctx.metrics.rejected.labels("unknown_pixel").inc()
+    return formats.ParsedBody(None, events, refused, parsed.warnings)
+
+
+class RateLimiter:
+    """Token bucket per client key, kept in memory and bounded in size."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_clients = max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if len(self._buckets) >= self.max_clients:
+            self._buckets.pop(next(iter(self._buckets)))  # forget the least recently seen
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
+
+RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter", RateLimiter)
+
+
+# -- shared by both sources ----------------------------------------------------
+
+
+def _options(ctx: IngestContext, now: float) -> formats.ParseOptions:
+    return formats.ParseOptions(
+        now=now,
+        phone_region=ctx.settings.phone_region,
+        max_events=ctx.settings.max_events_per_request,
+    )
+
+
+async def _store_and_answer(
+    request: web.Request, ctx: IngestContext, parsed: formats.ParsedBody, now: float
+) -> web.Response:
+    _count_warnings(ctx.metrics, parsed.warnings)
+    if parsed.refused:
+        ctx.metrics.rejected.labels("invalid_event").inc(len(parsed.refused))
+    if not parsed.events:
+        first = parsed.refused[0] if parsed.refused else None
+        if first is None:
+            raise InvalidRequest("", "no events in the request")
+        raise InvalidEvent(first.field, first.message)
+    timeline = [_timeline(e, now) for e in parsed.events]
+    results = await ctx.store.ingest(parsed.events, now, timeline)
+    _count_results(ctx, parsed.events, results)
+    if not parsed.refused:
+        return envelope(request)
+    failed = [{"index": r.index, "field": r.field, "message": r.message} for r in parsed.refused]
+    return envelope(
+        request,
+        PARTIAL_SUCCESS,
+        f"Partially successful: {len(failed)} event(s) refused; first: "
+        f"{failed[0]['field']}: {failed[0]['message']}",
+        {"accepted": len(parsed.events), "failed_events": failed},
+    )
+
+
+def _count_results(
+    ctx: IngestContext, events: Sequence[Event], results: Sequence[IngestResult]
+) -> None:
+    metrics, configured = ctx.metrics, ctx.settings.pixels
+    wake = False
+    for event, result in zip(events, results, strict=True):
+        pixel = metrics.pixel_label(event.pixel_code, configured)
+        metrics.received.labels(event.source, pixel).inc()
+        if result.status in ("merged", "complete"):
+            metrics.merged.labels(pixel).inc()
+        elif result.status == "duplicate":
+            metrics.duplicates.labels(pixel).inc()
+        wake = wake or result.status == "complete" or (
+            result.status == "new" and event.event_id is None
+        )
+        log.debug(
+            "%s %s event %s for pixel %s: %s",
+            event.source, event.name, event.event_id, event.pixel_code, result.status,
+        )
+    if wake and ctx.forwarder is not None:
+        ctx.forwarder.wake()
+
+
+def _count_warnings(metrics: Metrics, warnings: Sequence[str]) -> None:
+    for kind in warnings:
+        metrics.input_warnings.labels(kind if kind in WARNING_KINDS else "other").inc()
+
+
+def _timeline(event: Event, now: float) -> bytes:
+    """A timeline entry naming the fields a copy brought, never their values."""
+    entry = {"at": round(now, 3), "source": event.source, "fields": field_names(event.body)}
+    return orjson.dumps(entry)
+
+
+def field_names(body: dict[str, Any], prefix: str = "") -> list[str]:
+    names: list[str] = []
+    for key, value in body.items():
+        if isinstance(value, dict) and key != "contents":
+            names.extend(field_names(value, f"{prefix}{key}."))
+        else:
+            names.append(prefix + key)
+    return names
+
+
+# -- operations ------------------------------------------------------------------
+
+
+async def debug_event(request: web.Request) -> web.Response:
+    """GET /debug/events/{pixel}/{event_id}/{event} — a key's state and timeline."""
+    ctx = request.app[CONTEXT]
+    admin = ctx.settings.admin_token
+    if admin is None:
+        raise NotFound("debug endpoints are off: set GATEWAY_ADMIN_TOKEN")
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), admin.encode()):
+        raise AuthError(40105, "admin token missing or wrong (Authorization: Bearer ...)")
+    info = request.match_info
+    state = await ctx.store.inspect(info["pixel"], info["event_id"], info["event"])
+    if state is None:
+        raise NotFound("no such key: never seen, or forgotten after the dedup window")
+    return envelope(request, data=state)

@@ -1,0 +1,256 @@
+"""Typed, frozen configuration, read once from the environment (and an optional TOML file).
+
+Nothing else in the gateway reads the environment: `cli.py` calls
+`Settings.from_env()` and passes the result down. A bad value raises
+`ConfigError` naming the variable, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+PREFIX = "GATEWAY_"
+TIKTOK_URL = "https://business-api.tiktok.com"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("auto", "json", "text")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the gateway can be told; defaults are PRODUCT.md's."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    redis_url: str | None = None
+    redis_cluster: bool = False
+    data_dir: Path = Path(".gateway")
+    pixels: Mapping[str, str] = field(default_factory=dict)
+    upstream_url: str = TIKTOK_URL
+    merge_window: float = 300.0
+    dedup_window: float = 172_800.0
+    early_flush: bool = True
+    test_event_code: str | None = None
+    allowed_origins: frozenset[str] = frozenset()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    admin_token: str | None = None
+    max_event_age: float = 604_800.0
+    phone_region: str | None = None
+    legacy_aliases: bool = True
+    passthrough: bool = True
+    # Operational knobs beyond PRODUCT.md's table; the defaults suit production.
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_events_per_request: int = 1000
+    pixel_rate_limit: float = 20.0
+    pixel_rate_burst: int = 100
+    forward_batch_size: int = 1000
+    forward_poll_interval: float = 0.2
+    forward_concurrency: int = 8
+    forward_lease: float = 60.0
+    upstream_timeout: float = 10.0
+    upstream_rate_limit: float = 50.0
+    retry_base: float = 1.0
+    retry_cap: float = 300.0
+    shards: int = 16
+    log_level: str = "INFO"
+    log_format: str = "auto"
+
+    @property
+    def sandbox(self) -> bool:
+        """No pixels configured: accept any pixel and write forwards to a local log."""
+        return not self.pixels
+
+    @property
+    def listen(self) -> str:
+        return f"{self.listen_host}:{self.listen_port}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], config_file: Path | None = None) -> Settings:
+        """Build settings from `GATEWAY_*` variables; a TOML file supplies defaults for them."""
+        values: dict[str, str] = {}
+        if config_file is not None:
+            values.update(_read_toml(config_file))
+        values.update({k: v for k, v in environ.items() if k.startswith(PREFIX)})
+        return _parse(values)
+
+
+def _read_toml(path: Path) -> dict[str, str]:
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("GATEWAY_CONFIG", f"cannot read {path}: {exc}") from exc
+    out: dict[str, str] = {}
+    for key, value in doc.items():
+        name = key.upper() if key.upper().startswith(PREFIX) else PREFIX + key.upper()
+        if isinstance(value, bool):
+            out[name] = "1" if value else "0"
+        elif isinstance(value, list):
+            out[name] = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            out[name] = ",".join(f"{k}={v}" for k, v in value.items())
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _parse(env: Mapping[str, str]) -> Settings:
+    def get(name: str, parse: Callable[[str, str], T], default: T) -> T:
+        raw = env.get(PREFIX + name)
+        if raw is None or raw.strip() == "":
+            return default
+        return parse(PREFIX + name, raw.strip())
+
+    d = Settings()
+    host, port = get("LISTEN", _host_port, (d.listen_host, d.listen_port))
+    settings = Settings(
+        listen_host=host,
+        listen_port=port,
+        redis_url=get("REDIS_URL", _redis_url, None),
+        redis_cluster=get("REDIS_CLUSTER", _bool, False),
+        data_dir=get("DATA_DIR", lambda _n, v: Path(v), d.data_dir),
+        pixels=get("PIXELS", _pixels, {}),
+        upstream_url=get("UPSTREAM_URL", _http_url, d.upstream_url),
+        merge_window=get("MERGE_WINDOW", _seconds, d.merge_window),
+        dedup_window=get("DEDUP_WINDOW", _seconds, d.dedup_window),
+        early_flush=get("EARLY_FLUSH", _bool, d.early_flush),
+        test_event_code=get("TEST_EVENT_CODE", lambda _n, v: v, None),
+        allowed_origins=get("ALLOWED_ORIGINS", _origins, frozenset()),
+        trusted_proxies=get("TRUSTED_PROXIES", _networks, ()),
+        admin_token=get("ADMIN_TOKEN", lambda _n, v: v, None),
+        max_event_age=get("MAX_EVENT_AGE", _seconds, d.max_event_age),
+        phone_region=get("PHONE_REGION", _region, None),
+        legacy_aliases=get("LEGACY_ALIASES", _bool, d.legacy_aliases),
+        passthrough=get("PASSTHROUGH", _bool, d.passthrough),
+        max_body_bytes=get("MAX_BODY_BYTES", _positive_int, d.max_body_bytes),
+        max_events_per_request=get("MAX_EVENTS_PER_REQUEST", _positive_int, 1000),
+        pixel_rate_limit=get("PIXEL_RATE_LIMIT", _seconds, d.pixel_rate_limit),
+        pixel_rate_burst=get("PIXEL_RATE_BURST", _positive_int, d.pixel_rate_burst),
+        forward_batch_size=get("FORWARD_BATCH_SIZE", _batch_size, d.forward_batch_size),
+        forward_poll_interval=get("FORWARD_POLL_INTERVAL", _seconds, d.forward_poll_interval),
+        forward_concurrency=get("FORWARD_CONCURRENCY", _positive_int, d.forward_concurrency),
+        forward_lease=get("FORWARD_LEASE", _seconds, d.forward_lease),
+        upstream_timeout=get("UPSTREAM_TIMEOUT", _seconds, d.upstream_timeout),
+        upstream_rate_limit=get("UPSTREAM_RATE_LIMIT", _seconds, d.upstream_rate_limit),
+        retry_base=get("RETRY_BASE", _seconds, d.retry_base),
+        retry_cap=get("RETRY_CAP", _seconds, d.retry_cap),
+        shards=get("SHARDS", _positive_int, d.shards),
+        log_level=get("LOG_LEVEL", _choice(LOG_LEVELS), d.log_level),
+        log_format=get("LOG_FORMAT", _choice(LOG_FORMATS), d.log_format),
+    )
+    if settings.dedup_window < settings.merge_window:
+        raise ConfigError("GATEWAY_DEDUP_WINDOW", "must not be shorter than GATEWAY_MERGE_WINDOW")
+    return settings
+
+
+def _host_port(name: str, raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(name, f"expected host:port, got {raw!r}")
+    return host.strip("[]"), _port(name, port)
+
+
+def _port(name: str, raw: str) -> int:
+    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise ConfigError(name, f"invalid port {raw!r}")
+    return int(raw)
+
+
+def _redis_url(name: str, raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(name, "must start with redis://, rediss:// or unix://")
+    return raw
+
+
+def _http_url(name: str, raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ConfigError(name, "must start with http:// or https://")
+    return raw.rstrip("/")
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"expected 1 or 0, got {raw!r}")
+
+
+def _seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(name, f"must be a positive number, got {raw!r}")
+    return value
+
+
+def _positive_int(name: str, raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(name, f"expected a positive whole number, got {raw!r}")
+    return int(raw)
+
+
+def _batch_size(name: str, raw: str) -> int:
+    value = _positive_int(name, raw)
+    if value > 1000:
+        raise ConfigError(name, "TikTok accepts at most 1000 events a request")
+    return value
+
+
+def _pixels(name: str, raw: str) -> dict[str, str]:
+    pixels: dict[str, str] = {}
+    for item in raw.split(","):
+        code, sep, token = item.strip().partition("=")
+        code, token = code.strip(), token.strip()
+        if not sep or not code or not token:
+            raise ConfigError(name, f"expected PIXEL_CODE=ACCESS_TOKEN pairs, got {item.strip()!r}")
+        if not code.isalnum():
+            raise ConfigError(name, f"pixel code {code!r} must be letters and digits")
+        pixels[code] = token
+    return pixels
+
+
+def _origins(name: str, raw: str) -> frozenset[str]:
+    origins = set()
+    for item in raw.split(","):
+        origin = item.strip().rstrip("/")
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError(name, f"origin {origin!r} must be * or start with http:// or https://")
+        origins.add(origin)
+    return frozenset(origins)
+
+
+def _networks(
+    name: str, raw: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in raw.split(","))
+    except ValueError as exc:
+        raise ConfigError(name, str(exc)) from None
+
+
+def _region(name: str, raw: str) -> str:
+    if len(raw) != 2 or not raw.isalpha():
+        raise ConfigError(name, f"expected a two-letter region code such as US, got {raw!r}")
+    return raw.upper()
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.upper() if options is LOG_LEVELS else raw.lower()
+        if value not in options:
+            raise ConfigError(name, f"expected one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse

@@ -1,0 +1,611 @@
+"""Everything the gateway keeps in Redis: key names, Lua scripts, atomic state changes.
+
+One event key is `(pixel, dedup name, event_id)`, written as the *member*
+`PIXEL:NAME:EVENT_ID`. Each member belongs to one of `shards` hash slots,
+`tkgw:{N}:`, chosen by CRC32; everything about a member and its shard's due
+queue shares that hash tag, so every script touches one slot and works on a
+Redis Cluster, and no global key becomes a hot spot.
+
+Keys of shard N (the only place key shapes are written):
+
+    tkgw:{N}:due          ZSET  member -> due time (ms). The forwarder's queue; a claim
+                                moves the score to the lease's end, so an unacknowledged
+                                claim simply becomes due again (no separate lease list).
+    tkgw:{N}:k:<member>   HASH  the key's state (see INGEST). No TTL while pending;
+                                after the forward it expires at first copy + dedup window,
+                                which is how later copies are dropped for 48 hours.
+    tkgw:{N}:c:<member>   LIST  the copies received (JSON), merged by the forwarder;
+                                deleted when the event leaves.
+    tkgw:{N}:t:<member>   LIST  the key's timeline for /debug; expires with the hash.
+    tkgw:{N}:dead         STREAM dead letters: the merged event, TikTok's code and message.
+
+States of a key: open (merging) -> claimed (being sent) -> sent, or retry
+(a send failed; waits for its next attempt) or dead (dead-lettered). Only an
+open key takes new copies; a copy arriving in any other state is a duplicate.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
+
+from .errors import StoreUnavailable
+from .events import SOURCES, Event, Source, dedup_name
+
+RedisClient = aioredis.Redis | RedisCluster
+IngestStatus = Literal["new", "merged", "complete", "duplicate"]
+ScriptCall = tuple[str, Sequence[str], Sequence[Any]]  # (script name, KEYS, ARGV)
+SOURCE_BITS: dict[Source, int] = {"pixel": 1, "server": 2}
+BOTH_SOURCES = 3
+TIMELINE_MAX = 100  # entries kept per key; a flood of duplicates must not grow it without bound
+
+
+def _lua(source: str) -> str:
+    """Write the Python constants a script uses into its source."""
+    return source.replace("$TIMELINE_MAX", str(TIMELINE_MAX)).replace(
+        "$BOTH_SOURCES", str(BOTH_SOURCES)
+    )
+
+
+# KEYS[1] key hash, KEYS[2] copies list, KEYS[3] shard due zset, KEYS[4] timeline list
+# ARGV[1] member, ARGV[2] now ms, ARGV[3] source bit, ARGV[4] copy (JSON),
+# ARGV[5] merge window ms, ARGV[6] early flush 1|0, ARGV[7] timeline entry (JSON object) or "",
+# ARGV[8] no dedup 1|0 (events without event_id: due at once, forgotten after the forward)
+# Returns {status, first copy ms}; status is new | merged | complete | duplicate.
+# Retried after a timeout, a copy may be stored twice; merging it again changes nothing.
+INGEST = """
+local function log(outcome)
+  if ARGV[7] ~= '' then
+    redis.call('RPUSH', KEYS[4], '{"outcome":"' .. outcome .. '",' .. string.sub(ARGV[7], 2))
+    redis.call('LTRIM', KEYS[4], 0, $TIMELINE_MAX - 1)
+  end
+end
+local now = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'st', 'src', 't0')
+if not state[1] then
+  local due = now
+  if ARGV[8] ~= '1' then due = now + tonumber(ARGV[5]) end
+  redis.call('HSET', KEYS[1], 'st', 'open', 'src', ARGV[3], 't0', now, 'due', due,
+             'n', 1, 'att', 0, 'nd', ARGV[8], 'dup', 0)
+  redis.call('RPUSH', KEYS[2], ARGV[4])
+  redis.call('ZADD', KEYS[3], due, ARGV[1])
+  log('new')
+  return {'new', tostring(now)}
+end
+if state[1] ~= 'open' then
+  redis.call('HINCRBY', KEYS[1], 'dup', 1)
+  log('duplicate')
+  return {'duplicate', state[3]}
+end
+local src = bit.bor(tonumber(state[2]), tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'src', src)
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('RPUSH', KEYS[2], ARGV[4])
+if src == $BOTH_SOURCES and ARGV[6] == '1' then
+  redis.call('HSET', KEYS[1], 'due', now)
+  redis.call('ZADD', KEYS[3], 'LT', now, ARGV[1])
+  log('complete')
+  return {'complete', state[3]}
+end
+log('merged')
+return {'merged', state[3]}
+"""
+
+# KEYS[1] shard due zset
+# ARGV[1] now ms, ARGV[2] lease ms, ARGV[3] limit, ARGV[4] claim token, ARGV[5] shard key prefix
+# Returns one entry per claimed member: {member, t0, src, attempts, nodedup, copy...}.
+# Reads the members' keys by name; they share the zset's hash tag, so the same slot.
+CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local lease_end = tonumber(ARGV[1]) + tonumber(ARGV[2])
+local out = {}
+for _, member in ipairs(due) do
+  local hk = ARGV[5] .. 'k:' .. member
+  local f = redis.call('HMGET', hk, 'st', 't0', 'src', 'nd')
+  if not f[1] or f[1] == 'sent' or f[1] == 'dead' then
+    redis.call('ZREM', KEYS[1], member)
+  else
+    local attempts = redis.call('HINCRBY', hk, 'att', 1)
+    redis.call('HSET', hk, 'st', 'claimed', 'tok', ARGV[4])
+    redis.call('ZADD', KEYS[1], lease_end, member)
+    local entry = {member, f[2], f[3], tostring(attempts), f[4]}
+    for _, copy in ipairs(redis.call('LRANGE', ARGV[5] .. 'c:' .. member, 0, -1)) do
+      entry[#entry + 1] = copy
+    end
+    out[#out + 1] = entry
+  end
+end
+return out
+"""
+
+# KEYS[1] shard due zset
+# ARGV[1] now ms, ARGV[2] dedup window ms, ARGV[3] claim token, ARGV[4] shard key prefix,
+# ARGV[5] timeline entry or "", ARGV[6] TikTok request id, ARGV[7..] members
+# Marks each member still claimed by this token as sent; returns how many it marked.
+# Safe to repeat: a member already sent is left alone.
+ACK = """
+local now = tonumber(ARGV[1])
+local marked = 0
+for i = 7, #ARGV do
+  local member = ARGV[i]
+  local hk = ARGV[4] .. 'k:' .. member
+  local tl = ARGV[4] .. 't:' .. member
+  local f = redis.call('HMGET', hk, 'st', 'tok', 't0', 'nd')
+  if f[1] == 'claimed' and f[2] == ARGV[3] then
+    marked = marked + 1
+    redis.call('ZREM', KEYS[1], member)
+    redis.call('DEL', ARGV[4] .. 'c:' .. member)
+    local expire_at = tonumber(f[3]) + tonumber(ARGV[2])
+    if f[4] == '1' or expire_at <= now then
+      redis.call('DEL', hk, tl)
+    else
+      redis.call('HSET', hk, 'st', 'sent', 'fw', now, 'rid', ARGV[6])
+      redis.call('HDEL', hk, 'tok', 'due')
+      redis.call('PEXPIREAT', hk, expire_at)
+      if ARGV[5] ~= '' then
+        redis.call('RPUSH', tl, ARGV[5])
+        redis.call('LTRIM', tl, 0, $TIMELINE_MAX - 1)
+      end
+      redis.call('PEXPIREAT', tl, expire_at)
+    end
+  end
+end
+return marked
+"""
+
+# KEYS[1] shard due zset
+# ARGV[1] claim token, ARGV[2] shard key prefix, ARGV[3] next attempt ms,
+# ARGV[4] timeline entry or "", ARGV[5..] members
+# Puts members still claimed by this token back in the queue for a later attempt.
+RELEASE = """
+local released = 0
+for i = 5, #ARGV do
+  local member = ARGV[i]
+  local hk = ARGV[2] .. 'k:' .. member
+  local f = redis.call('HMGET', hk, 'st', 'tok')
+  if f[1] == 'claimed' and f[2] == ARGV[1] then
+    released = released + 1
+    redis.call('HSET', hk, 'st', 'retry', 'due', ARGV[3])
+    redis.call('HDEL', hk, 'tok')
+    redis.call('ZADD', KEYS[1], ARGV[3], member)
+    if ARGV[4] ~= '' then
+      redis.call('RPUSH', ARGV[2] .. 't:' .. member, ARGV[4])
+      redis.call('LTRIM', ARGV[2] .. 't:' .. member, 0, $TIMELINE_MAX - 1)
+    end
+  end
+end
+return released
+"""
+
+# KEYS[1] shard due zset, KEYS[2] shard dead-letter stream, KEYS[3] key hash,
+# KEYS[4] copies list, KEYS[5] timeline list
+# ARGV[1] now ms, ARGV[2] claim token, ARGV[3] dedup window ms, ARGV[4] member,
+# ARGV[5] dead letter (JSON), ARGV[6] timeline entry or ""
+# Moves a member still claimed by this token to the dead-letter stream; returns the
+# entry id, or false when the claim was lost. Later copies stay dropped.
+DEAD_LETTER = """
+local f = redis.call('HMGET', KEYS[3], 'st', 'tok', 't0')
+if f[1] ~= 'claimed' or f[2] ~= ARGV[2] then return false end
+local id = redis.call('XADD', KEYS[2], '*', 'member', ARGV[4], 'letter', ARGV[5])
+redis.call('ZREM', KEYS[1], ARGV[4])
+redis.call('DEL', KEYS[4])
+redis.call('HSET', KEYS[3], 'st', 'dead')
+redis.call('HDEL', KEYS[3], 'tok', 'due')
+local expire_at = math.max(tonumber(f[3]) + tonumber(ARGV[3]), tonumber(ARGV[1]) + 1000)
+redis.call('PEXPIREAT', KEYS[3], expire_at)
+if ARGV[6] ~= '' then redis.call('RPUSH', KEYS[5], ARGV[6]) end
+redis.call('PEXPIREAT', KEYS[5], expire_at)
+return id
+"""
+
+# KEYS[1] shard due zset, KEYS[2] shard dead-letter stream, KEYS[3] key hash, KEYS[4] copies list
+# ARGV[1] dead-letter entry id, ARGV[2] now ms, ARGV[3] member, ARGV[4] copy (JSON),
+# ARGV[5] first copy ms, ARGV[6] no dedup 1|0
+# Queues a dead-lettered event again as a single copy due now; returns 1, or 0 when the
+# entry is gone (already replayed), so replaying twice sends once.
+REPLAY = """
+if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[4])
+redis.call('RPUSH', KEYS[4], ARGV[4])
+redis.call('PERSIST', KEYS[3])
+redis.call('HSET', KEYS[3], 'st', 'retry', 't0', ARGV[5], 'due', ARGV[2], 'att', 0, 'nd', ARGV[6])
+redis.call('HSETNX', KEYS[3], 'src', 0)
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    status: IngestStatus
+    first_seen: float
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One due event claimed for sending, with every copy received for it."""
+
+    member: str
+    shard: int
+    token: str
+    first_seen: float
+    sources: frozenset[Source]
+    attempts: int
+    dedup: bool
+    copies: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    shard: int
+    member: str
+    letter: dict[str, Any]
+
+
+class Store:
+    """The gateway's state in Redis; every change is one script on one hash slot."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        shards: int = 16,
+        merge_window: float = 300.0,
+        dedup_window: float = 172_800.0,
+        early_flush: bool = True,
+        legacy_aliases: bool = True,
+        timeline: bool = True,
+    ) -> None:
+        self.client = client
+        self.shards = shards
+        self.merge_window_ms = int(merge_window * 1000)
+        self.dedup_window_ms = int(dedup_window * 1000)
+        self.early_flush = early_flush
+        self.legacy_aliases = legacy_aliases
+        self.timeline = timeline
+        # Script objects give the SHA1 and source; calls go through `_run`.
+        self._scripts = {
+            name: aioredis.Redis.register_script(client, _lua(lua))  # type: ignore[arg-type]
+            for name, lua in (
+                ("ingest", INGEST),
+                ("claim", CLAIM),
+                ("ack", ACK),
+                ("release", RELEASE),
+                ("dead_letter", DEAD_LETTER),
+                ("replay", REPLAY),
+            )
+        }
+
+    # -- key names ---------------------------------------------------------
+
+    def member(self, event: Event) -> str:
+        """The dedup key of an event; events without event_id get a unique one."""
+        name = dedup_name(event.name, self.legacy_aliases)
+        event_id = event.event_id or "~" + uuid.uuid4().hex
+        return f"{event.pixel_code}:{name}:{event_id}"
+
+    def member_of(self, pixel_code: str, event_id: str, event_name: str) -> str:
+        return f"{pixel_code}:{dedup_name(event_name, self.legacy_aliases)}:{event_id}"
+
+    def shard_of(self, member: str) -> int:
+        return zlib.crc32(member.encode()) % self.shards
+
+    @staticmethod
+    def prefix(shard: int) -> str:
+        return f"tkgw:{{{shard}}}:"
+
+    def keys_of(self, member: str) -> tuple[str, str, str, str]:
+        """Key hash, copies list, due zset and timeline list of a member."""
+        p = self.prefix(self.shard_of(member))
+        return f"{p}k:{member}", f"{p}c:{member}", f"{p}due", f"{p}t:{member}"
+
+    def dead_key(self, shard: int) -> str:
+        return f"{self.prefix(shard)}dead"
+
+    # -- state changes -------------------------------------------------------
+
+    async def ingest(
+        self, events: Sequence[Event], now: float, timeline: Sequence[bytes] | None = None
+    ) -> list[IngestResult]:
+        """Store copies atomically, each merged, opened or dropped; one round trip."""
+        now_ms = int(now * 1000)
+        calls = []
+        for i, event in enumerate(events):
+            member = self.member(event)
+            copy = orjson.dumps(
+                {
+                    "source": event.source,
+                    "pixel_code": event.pixel_code,
+                    "event_source": event.event_source,
+                    "test_event_code": event.test_event_code,
+                    "received_ms": now_ms,
+                    "body": event.body,
+                }
+            )
+            entry = timeline[i] if timeline is not None and self.timeline else b""
+            args = (
+                member,
+                now_ms,
+                SOURCE_BITS[event.source],
+                copy,
+                self.merge_window_ms,
+                1 if self.early_flush else 0,
+                entry,
+                0 if event.event_id else 1,
+            )
+            calls.append(("ingest", self.keys_of(member), args))
+        replies = await self._run(calls)
+        return [
+            IngestResult(status=_text(r[0]), first_seen=int(r[1]) / 1000)  # type: ignore[arg-type]
+            for r in replies
+        ]
+
+    async def claim(self, now: float, limit: int, lease: float) -> list[Claim]:
+        """Claim up to `limit` due events per shard, each for `lease` seconds."""
+        token = uuid.uuid4().hex
+        now_ms = int(now * 1000)
+        calls = [
+            (
+                "claim",
+                (f"{self.prefix(shard)}due",),
+                (now_ms, int(lease * 1000), limit, token, self.prefix(shard)),
+            )
+            for shard in range(self.shards)
+        ]
+        replies = await self._run(calls)
+        claims = []
+        for shard, entries in enumerate(replies):
+            for entry in entries:
+                member, t0, src, attempts, nodedup, *copies = (_text(x) for x in entry)
+                claims.append(
+                    Claim(
+                        member=member,
+                        shard=shard,
+                        token=token,
+                        first_seen=int(t0) / 1000,
+                        sources=frozenset(s for s in SOURCES if int(src) & SOURCE_BITS[s]),
+                        attempts=int(attempts),
+                        dedup=nodedup != "1",
+                        copies=[orjson.loads(c) for c in copies],
+                    )
+                )
+        return claims
+
+    async def ack(
+        self, claims: Sequence[Claim], now: float, request_id: str, timeline: bytes = b""
+    ) -> int:
+        """Mark sent; returns how many were still ours to mark."""
+        calls = [
+            (
+                "ack",
+                (f"{self.prefix(shard)}due",),
+                (
+                    int(now * 1000),
+                    self.dedup_window_ms,
+                    token,
+                    self.prefix(shard),
+                    timeline if self.timeline else b"",
+                    request_id,
+                    *members,
+                ),
+            )
+            for (shard, token), members in _group(claims).items()
+        ]
+        return sum(int(r) for r in await self._run(calls))
+
+    async def release(
+        self, claims: Sequence[Claim], retry_at: float, timeline: bytes = b""
+    ) -> int:
+        """Give claims back to the queue, due again at `retry_at`."""
+        calls = [
+            (
+                "release",
+                (f"{self.prefix(shard)}due",),
+                (
+                    token,
+                    self.prefix(shard),
+                    int(retry_at * 1000),
+                    timeline if self.timeline else b"",
+                    *members,
+                ),
+            )
+            for (shard, token), members in _group(claims).items()
+        ]
+        return sum(int(r) for r in await self._run(calls))
+
+    async def dead_letter(
+        self, claim: Claim, letter: dict[str, Any], now: float, timeline: bytes = b""
+    ) -> str | None:
+        """Move a claimed event to the dead-letter stream; None when the claim was lost."""
+        hk, ck, due, tl = self.keys_of(claim.member)
+        args = (
+            int(now * 1000),
+            claim.token,
+            self.dedup_window_ms,
+            claim.member,
+            orjson.dumps(letter),
+            timeline if self.timeline else b"",
+        )
+        [reply] = await self._run(
+            [("dead_letter", (due, self.dead_key(claim.shard), hk, ck, tl), args)]
+        )
+        return None if reply is None else _text(reply)
+
+    async def dead_letters(self, count: int = 1000) -> list[DeadLetter]:
+        """Dead letters of every shard, oldest first within a shard."""
+        async with self._guard():
+            pipe = self.client.pipeline(transaction=False)
+            for shard in range(self.shards):
+                pipe.xrange(self.dead_key(shard), count=count)
+            replies = await pipe.execute()
+        letters = []
+        for shard, entries in enumerate(replies):
+            for entry_id, fields in entries:
+                letters.append(
+                    DeadLetter(
+                        id=_text(entry_id),
+                        shard=shard,
+                        member=_text(fields[b"member"]),
+                        letter=orjson.loads(fields[b"letter"]),
+                    )
+                )
+        return letters
+
+    async def replay(self, letters: Sequence[DeadLetter], now: float) -> int:
+        """Queue dead letters for sending again; returns how many were queued."""
+        calls = []
+        for dl in letters:
+            hk, ck, due, _ = self.keys_of(dl.member)
+            copy = orjson.dumps(
+                {
+                    "source": "replay",
+                    "pixel_code": dl.letter["pixel_code"],
+                    "event_source": dl.letter["event_source"],
+                    "test_event_code": dl.letter.get("test_event_code"),
+                    "received_ms": int(now * 1000),
+                    "body": dl.letter["event"],
+                }
+            )
+            args = (
+                dl.id,
+                int(now * 1000),
+                dl.member,
+                copy,
+                int(dl.letter["first_seen"] * 1000),
+                0 if dl.letter.get("dedup", True) else 1,
+            )
+            calls.append(("replay", (due, self.dead_key(dl.shard), hk, ck), args))
+        return sum(int(r) for r in await self._run(calls))
+
+    # -- reading -----------------------------------------------------------------
+
+    async def counts(self) -> tuple[int, int]:
+        """(events waiting to be forwarded, dead letters), over all shards."""
+        async with self._guard():
+            pipe = self.client.pipeline(transaction=False)
+            for shard in range(self.shards):
+                pipe.zcard(f"{self.prefix(shard)}due")
+                pipe.xlen(self.dead_key(shard))
+            replies = await pipe.execute()
+        return sum(replies[0::2]), sum(replies[1::2])
+
+    async def inspect(
+        self, pixel_code: str, event_id: str, event_name: str
+    ) -> dict[str, Any] | None:
+        """A key's state and timeline, for /debug and `inspect`; None when unknown."""
+        member = self.member_of(pixel_code, event_id, event_name)
+        hk, ck, _due, tl = self.keys_of(member)
+        async with self._guard():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(hk)
+            pipe.pttl(hk)
+            pipe.llen(ck)
+            pipe.lrange(tl, 0, -1)
+            state, ttl_ms, copies, timeline = await pipe.execute()
+        if not state:
+            return None
+        fields = {_text(k): _text(v) for k, v in state.items()}
+        src = int(fields.get("src", "0"))
+        return {
+            "key": {"pixel_code": pixel_code, "event_id": event_id, "event": event_name},
+            "state": fields.get("st"),
+            "sources": [s for s in SOURCES if src & SOURCE_BITS[s]],
+            "first_seen": int(fields["t0"]) / 1000 if "t0" in fields else None,
+            "due": int(fields["due"]) / 1000 if "due" in fields else None,
+            "forwarded_at": int(fields["fw"]) / 1000 if "fw" in fields else None,
+            "tiktok_request_id": fields.get("rid"),
+            "copies_received": int(fields.get("n", "0")),
+            "copies_pending": copies,
+            "attempts": int(fields.get("att", "0")),
+            "duplicates_dropped": int(fields.get("dup", "0")),
+            "forgotten_in": ttl_ms / 1000 if ttl_ms > 0 else None,
+            "timeline": [orjson.loads(e) for e in timeline],
+        }
+
+    async def ping(self) -> None:
+        async with self._guard():
+            await self.client.ping()  # type: ignore[misc]
+
+    async def load_scripts(self) -> None:
+        """Load every script; /readyz calls this so a flushed cache heals itself."""
+        async with self._guard():
+            for script in self._scripts.values():
+                await self.client.script_load(script.script)
+
+    # -- plumbing ----------------------------------------------------------------
+
+    async def _run(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run script calls in one pipeline; reload scripts Redis lost and rerun only those."""
+        if not calls:
+            return []
+        async with self._guard():
+            replies = await self._pipeline(calls)
+            missing = [
+                i for i, r in enumerate(replies) if isinstance(r, redis_errors.NoScriptError)
+            ]
+            if missing:
+                await self.load_scripts()
+                retried = await self._pipeline([calls[i] for i in missing])
+                for i, reply in zip(missing, retried, strict=True):
+                    replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for name, keys, args in calls:
+            pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    @asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """Turn Redis being away into StoreUnavailable, which callers answer with 503."""
+        try:
+            yield
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        except redis_errors.ResponseError as exc:
+            if "LOADING" in str(exc) or "READONLY" in str(exc) or "CLUSTERDOWN" in str(exc):
+                raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+            raise
+
+
+def connect(url: str, *, cluster: bool = False, timeout: float = 5.0) -> RedisClient:
+    """A Redis client with bounded timeouts; commands fail fast while Redis is away."""
+    if cluster:
+        return RedisCluster.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    # A blocking pool makes a burst of requests wait for a connection instead of
+    # failing with MaxConnectionsError, which would look like an outage.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=64,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def _group(claims: Sequence[Claim]) -> dict[tuple[int, str], list[str]]:
+    groups: dict[tuple[int, str], list[str]] = {}
+    for claim in claims:
+        groups.setdefault((claim.shard, claim.token), []).append(claim.member)
+    return groups
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,146 @@
+"""Real parts for every test: a redis-server process, a TikTok stand-in over HTTP, real gateways.
+
+Everything binds to 127.0.0.1. Windows are a second or less, so tests wait on
+conditions (the stand-in's `wait_for_events`), never on guesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway.app import RESOURCES, create_app
+from gateway.embedded import EmbeddedRedis
+from gateway.settings import Settings
+from tests.tiktok_stub import TikTokStub
+
+PIXEL = "CPIXEL0000000000001"
+PIXEL2 = "CPIXEL0000000000002"
+TOKEN = "token-one-0123456789"
+TOKEN2 = "token-two-0123456789"
+
+
+@pytest_asyncio.fixture(scope="session")
+async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedRedis]:
+    """One real redis-server for the session, on a free loopback port."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=0)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest_asyncio.fixture
+async def redis_url(redis_server: EmbeddedRedis) -> AsyncIterator[str]:
+    """The session's Redis, emptied for this test."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    yield redis_server.url
+    await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def tiktok() -> AsyncIterator[TikTokStub]:
+    async with TikTokStub() as stub:
+        yield stub
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Gateway:
+    """A gateway app served on a real loopback port."""
+
+    url: str
+    app: web.Application
+    settings: Settings
+    registry: CollectorRegistry
+    runner: web.AppRunner
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+    @property
+    def store(self) -> Any:
+        return self.app[RESOURCES].store
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+def base_settings(redis_url: str, upstream_url: str, data_dir: Path, **overrides: Any) -> Settings:
+    """Test defaults: two pixels, one-second windows, fast polling and retries."""
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "upstream_url": upstream_url,
+        "data_dir": data_dir,
+        "pixels": {PIXEL: TOKEN, PIXEL2: TOKEN2},
+        "merge_window": 1.0,
+        "dedup_window": 30.0,
+        "forward_poll_interval": 0.05,
+        "retry_base": 0.05,
+        "retry_cap": 0.5,
+        "upstream_timeout": 2.0,
+        "upstream_rate_limit": 1000.0,
+        "shards": 4,
+    }
+    values.update(overrides)
+    return dataclasses.replace(Settings(), **values)
+
+
+@pytest_asyncio.fixture
+async def make_gateway(
+    redis_url: str, tiktok: TikTokStub, tmp_path: Path
+) -> AsyncIterator[GatewayFactory]:
+    """Start gateways on this test's Redis and stand-in; all are stopped after the test."""
+    started: list[Gateway] = []
+
+    async def start(*, forward: bool = True, **overrides: Any) -> Gateway:
+        settings = base_settings(redis_url, tiktok.url, tmp_path / "data", **overrides)
+        registry = CollectorRegistry()
+        app = create_app(settings, registry=registry, forward=forward)
+        runner = web.AppRunner(app, shutdown_timeout=2.0)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        gateway = Gateway(f"http://127.0.0.1:{port}", app, settings, registry, runner)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    await asyncio.gather(*(g.runner.cleanup() for g in started))
+
+
+@pytest_asyncio.fixture
+async def gateway(make_gateway: GatewayFactory) -> Gateway:
+    return await make_gateway()

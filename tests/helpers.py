@@ -1,0 +1,87 @@
+"""Bodies and requests the end-to-end tests send, as real clients would."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import PIXEL, TOKEN
+
+
+def sha256(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def server_event(
+    event_id: str | None,
+    event: str = "Purchase",
+    *,
+    email: str | None = "jane.doe@example.com",
+    event_time: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One `data[]` item as an advertiser's server sends it: PII in the clear, value known."""
+    item: dict[str, Any] = {
+        "event": event,
+        "event_time": event_time or int(time.time()),
+        "user": {"email": email, "external_id": "customer-8841"} if email else {},
+        "properties": {"currency": "USD", "value": 59.98, "order_id": "100234"},
+        "page": {"url": "https://shop.example.com/checkout/thank-you"},
+        **extra,
+    }
+    if event_id is not None:
+        item["event_id"] = event_id
+    return item
+
+
+def browser_event(
+    event_id: str | None, event: str = "Purchase", *, pixel: str = PIXEL, **extra: Any
+) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "pixel_code": pixel,
+        "event": event,
+        "timestamp": int(time.time()),
+        "page": {"url": "https://shop.example.com/checkout/thank-you?ttclid=E.C.P.click-1"},
+        "properties": {"currency": "USD"},
+        **extra,
+    }
+    if event_id is not None:
+        item["event_id"] = event_id
+    return item
+
+
+async def post_server(
+    http: aiohttp.ClientSession,
+    base: str,
+    data: list[dict[str, Any]],
+    *,
+    pixel: str = PIXEL,
+    token: str = TOKEN,
+    **top: Any,
+) -> dict[str, Any]:
+    body = {"event_source": "web", "event_source_id": pixel, "data": data, **top}
+    async with http.post(
+        f"{base}/open_api/v1.3/event/track/", json=body, headers={"Access-Token": token}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        answer: dict[str, Any] = await resp.json()
+        return answer
+
+
+async def post_browser(
+    http: aiohttp.ClientSession,
+    base: str,
+    body: Any,
+    *,
+    ttp: str = "ttp-cookie-value-0000000001",
+    user_agent: str = "Mozilla/5.0 (X11; Linux x86_64) TestBrowser/1.0",
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    all_headers = {"User-Agent": user_agent, "Cookie": f"_ttp={ttp}", **(headers or {})}
+    async with http.post(f"{base}/pixel/events", json=body, headers=all_headers) as resp:
+        answer: dict[str, Any] = await resp.json()
+        answer["_status"] = resp.status
+        return answer

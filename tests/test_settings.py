@@ -1,0 +1,101 @@
+"""Configuration: defaults from PRODUCT.md, one clear error per bad variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ConfigError
+from gateway.settings import Settings
+
+
+def test_defaults_match_the_contract() -> None:
+    s = Settings.from_env({})
+    assert s.listen == "127.0.0.1:8080"
+    assert s.redis_url is None
+    assert s.sandbox
+    assert s.merge_window == 300
+    assert s.dedup_window == 172_800
+    assert s.early_flush and s.legacy_aliases and s.passthrough
+    assert s.max_event_age == 604_800
+    assert s.upstream_url == "https://business-api.tiktok.com"
+
+
+def test_parses_every_documented_variable() -> None:
+    s = Settings.from_env(
+        {
+            "GATEWAY_LISTEN": "0.0.0.0:9000",
+            "GATEWAY_REDIS_URL": "redis://redis:6379/0",
+            "GATEWAY_PIXELS": "PIX1=tok1, PIX2=tok2",
+            "GATEWAY_MERGE_WINDOW": "2.5",
+            "GATEWAY_DEDUP_WINDOW": "60",
+            "GATEWAY_EARLY_FLUSH": "0",
+            "GATEWAY_TEST_EVENT_CODE": "TEST123",
+            "GATEWAY_ALLOWED_ORIGINS": "https://shop.example.com,https://www.example.com/",
+            "GATEWAY_TRUSTED_PROXIES": "10.0.0.0/8, ::1",
+            "GATEWAY_ADMIN_TOKEN": "admin",
+            "GATEWAY_MAX_EVENT_AGE": "3600",
+            "GATEWAY_PHONE_REGION": "us",
+            "GATEWAY_LEGACY_ALIASES": "false",
+            "GATEWAY_PASSTHROUGH": "no",
+            "OTHER": "ignored",
+        }
+    )
+    assert (s.listen_host, s.listen_port) == ("0.0.0.0", 9000)
+    assert dict(s.pixels) == {"PIX1": "tok1", "PIX2": "tok2"}
+    assert not s.sandbox
+    assert s.merge_window == 2.5 and s.dedup_window == 60
+    assert not s.early_flush and not s.legacy_aliases and not s.passthrough
+    assert s.allowed_origins == {"https://shop.example.com", "https://www.example.com"}
+    assert len(s.trusted_proxies) == 2
+    assert s.phone_region == "US"
+    assert s.test_event_code == "TEST123"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GATEWAY_LISTEN", "8080"),
+        ("GATEWAY_LISTEN", "host:99999"),
+        ("GATEWAY_REDIS_URL", "localhost:6379"),
+        ("GATEWAY_PIXELS", "PIX1"),
+        ("GATEWAY_PIXELS", "PIX-1=tok"),
+        ("GATEWAY_MERGE_WINDOW", "five"),
+        ("GATEWAY_MERGE_WINDOW", "-1"),
+        ("GATEWAY_EARLY_FLUSH", "maybe"),
+        ("GATEWAY_ALLOWED_ORIGINS", "shop.example.com"),
+        ("GATEWAY_TRUSTED_PROXIES", "not-a-network"),
+        ("GATEWAY_PHONE_REGION", "USA"),
+        ("GATEWAY_UPSTREAM_URL", "ftp://x"),
+        ("GATEWAY_FORWARD_BATCH_SIZE", "5000"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: value})
+    assert info.value.variable == name
+    assert str(info.value).startswith(name)
+
+
+def test_dedup_window_shorter_than_merge_window_is_refused() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_DEDUP_WINDOW"):
+        Settings.from_env({"GATEWAY_MERGE_WINDOW": "100", "GATEWAY_DEDUP_WINDOW": "10"})
+
+
+def test_toml_file_sets_the_same_names_and_environment_wins(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        'merge_window = 10\nGATEWAY_EARLY_FLUSH = false\n[pixels]\nPIX1 = "tok1"\n'
+    )
+    s = Settings.from_env({"GATEWAY_MERGE_WINDOW": "20"}, path)
+    assert s.merge_window == 20
+    assert not s.early_flush
+    assert dict(s.pixels) == {"PIX1": "tok1"}
+
+
+def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("merge_window = [")
+    with pytest.raises(ConfigError, match="GATEWAY_CONFIG"):
+        Settings.from_env({}, path)
