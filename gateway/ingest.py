@@ -137,7 +137,7 @@ async def browser_events(request: web.Request) -> web.Response:
     )
     doc = formats.decode_json(await request.read())
     parsed = _only_configured_pixels(
-        ctx, formats.parse_browser(doc, _options(ctx, now), browser)
+        ctx, formats.parse_browser(doc, _options(ctx, now), browser), isinstance(doc, list)
     )
     response = await _store_and_answer(request, ctx, parsed, now)
     ctx.metrics.ingest_duration.labels("browser").observe(time.perf_counter() - started)
@@ -205,16 +205,24 @@ def client_address(request: web.Request, settings: Settings) -> str | None:
     return hops[0]
 
 
-def _only_configured_pixels(ctx: IngestContext, parsed: formats.ParsedBody) -> formats.ParsedBody:
+def _only_configured_pixels(
+    ctx: IngestContext, parsed: formats.ParsedBody, listed: bool
+) -> formats.ParsedBody:
+    """Refuse events for pixels we do not serve: bots must not reach unconfigured pixels."""
     if ctx.settings.sandbox:
         return parsed
+    refused_at = {r.index for r in parsed.refused}
+    total = len(parsed.events) + len(parsed.refused)
+    positions = [i for i in range(total) if i not in refused_at]  # request index of each event
     events, refused = [], list(parsed.refused)
-    for index, event in enumerate(parsed.events):
+    for position, event in zip(positions, parsed.events, strict=True):
         if event.pixel_code in ctx.settings.pixels:
             events.append(event)
         else:
-            refused.append(formats.Refusal(index, "pixel_code", "unknown pixel code"))
+            field = f"events.{position}.pixel_code" if listed else "pixel_code"
+            refused.append(formats.Refusal(position, field, "unknown pixel code"))
             ctx.metrics.rejected.labels("unknown_pixel").inc()
+    refused.sort(key=lambda r: r.index)
     return formats.ParsedBody(None, events, refused, parsed.warnings)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .events import SOURCES
+from .formats import WARNING_KINDS as FORMAT_WARNING_KINDS
 
 SANDBOX_PIXEL = "sandbox"
 MATCH_KEYS = ("email", "phone", "external_id", "ttp", "ttclid", "ip", "user_agent")
@@ -28,7 +29,7 @@ REJECT_REASONS = (
 )
 FORWARD_OUTCOMES = ("delivered", "retry", "rejected", "auth")
 DEAD_LETTER_REASONS = ("rejected", "auth", "too_old")
-WARNING_KINDS = ("invalid_ip", "invalid_phone", "phone_without_region", "invalid_email", "other")
+WARNING_KINDS = (*FORMAT_WARNING_KINDS, "other")
 
 # Ingest is sub-millisecond to a few ms; forwarding is a network call to TikTok.
 INGEST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -65,7 +65,9 @@ def _lua(source: str) -> str:
 INGEST = """
 local function log(outcome)
   if ARGV[7] ~= '' then
-    redis.call('RPUSH', KEYS[4], '{"outcome":"' .. outcome .. '",' .. string.sub(ARGV[7], 2))
+    local rest = string.sub(ARGV[7], 2)
+    if not string.find(rest, '^%s*}') then rest = ',' .. rest end  -- no comma before '}' of {}
+    redis.call('RPUSH', KEYS[4], '{"outcome":"' .. outcome .. '"' .. rest)
     redis.call('LTRIM', KEYS[4], 0, $TIMELINE_MAX - 1)
   end
 end
@@ -597,7 +599,9 @@ def connect(url: str, *, cluster: bool = False, timeout: float = 5.0) -> RedisCl
         socket_connect_timeout=timeout,
         health_check_interval=30,
     )
-    return aioredis.Redis(connection_pool=pool)
+    # from_pool, not Redis(connection_pool=...): a client given a pool leaves it open on
+    # aclose(), leaking every connection; from_pool makes aclose() close the pool too.
+    return aioredis.Redis.from_pool(pool)
 
 
 def _group(claims: Sequence[Claim]) -> dict[tuple[int, str], list[str]]:

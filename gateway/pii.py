@@ -1,0 +1,283 @@
+"""Normalise and hash the user's personal data, as TikTok specifies; pure functions.
+
+TikTok matches on SHA-256 of a normalised value (TIKTOK_API.md section 5):
+email trimmed and lower-cased, phone in E.164 with its `+`, external_id
+trimmed but case kept. A value that already is a 64-hex digest was hashed by
+the client and passes through lower-cased, so hashing twice is harmless.
+
+Each `normalise_*` returns the value ready for TikTok, or None when the input
+is empty (empty is absent: never hashed). A value that is present but unusable
+raises `Dropped(kind)`; the caller drops the field and counts a warning `kind`
+instead of refusing the whole event (ip, phone, email are match keys, not the
+event itself).
+
+`normalise_user` turns one Events API 2.0 `user` object into its clean form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import phonenumbers
+
+from gateway.errors import InvalidEvent
+
+# Warning kinds, one counted per dropped value; a bounded set for metric labels.
+INVALID_IP = "invalid_ip"
+INVALID_PHONE = "invalid_phone"
+PHONE_WITHOUT_REGION = "phone_without_region"
+INVALID_EMAIL = "invalid_email"
+INVALID_ATT_STATUS = "invalid_att_status"
+UNKNOWN_USER_FIELD = "unknown_user_field"
+WARNING_KINDS: tuple[str, ...] = (
+    INVALID_IP,
+    INVALID_PHONE,
+    PHONE_WITHOUT_REGION,
+    INVALID_EMAIL,
+    INVALID_ATT_STATUS,
+    UNKNOWN_USER_FIELD,
+)
+
+MAX_PII_LENGTH = 8192  # longest string accepted in any user field
+MAX_PII_ITEMS = 100  # longest list accepted for email, phone, external_id
+
+ATT_STATUSES = frozenset({"AUTHORIZED", "DENIED", "NOT_DETERMINED", "RESTRICTED", "NOT_APPLICABLE"})
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+# Deliberately loose: one `@` with something on each side and no blanks. An
+# address that fails this cannot match anyone, so hashing it only adds noise.
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+
+
+class Dropped(ValueError):
+    """A present but unusable value; `kind` is the warning to count."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def sha256_hex(text: str) -> str:
+    """Lower-case hex SHA-256 of the UTF-8 bytes of `text`."""
+    # surrogatepass: a lone surrogate (never from orjson) must not raise here.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def is_sha256_hex(value: str) -> bool:
+    """True when `value` already is a SHA-256 digest in hex (either case)."""
+    return _SHA256_HEX.fullmatch(value) is not None
+
+
+def _hash_unless_hashed(text: str) -> str:
+    return text.lower() if is_sha256_hex(text) else sha256_hex(text)
+
+
+def canonical_email(value: str) -> str:
+    """Trimmed and lower-cased: TikTok's form of an email before hashing."""
+    return value.strip().lower()
+
+
+def normalise_email(value: str) -> str | None:
+    """SHA-256 of the canonical email; raises Dropped("invalid_email") for a non-address."""
+    email = canonical_email(value)
+    if not email:
+        return None
+    if is_sha256_hex(email):
+        return email
+    if _EMAIL.fullmatch(email) is None:
+        raise Dropped(INVALID_EMAIL)
+    return sha256_hex(email)
+
+
+def e164(value: str, region: str | None) -> str:
+    """The phone number as "+<digits>"; raises Dropped when that cannot be known.
+
+    A number without a country code is read in `region`; with no region it is
+    dropped rather than guessed ("phone_without_region").
+    """
+    try:
+        number = phonenumbers.parse(value, region)
+    except phonenumbers.NumberParseException as exc:
+        # No "+": the number lacks a country code, and no region says which.
+        # With a "+", the code itself is bad.
+        no_code = exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE
+        if no_code and region is None and not _has_plus(value):
+            raise Dropped(PHONE_WITHOUT_REGION) from None
+        raise Dropped(INVALID_PHONE) from None
+    # Possible (right length for the country), not "valid": the validity
+    # metadata lags new number ranges, and a lost real number costs a match.
+    if not phonenumbers.is_possible_number(number):
+        raise Dropped(INVALID_PHONE)
+    formatted: str = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return formatted
+
+
+def _has_plus(value: str) -> bool:
+    return "+" in value or "\uff0b" in value  # libphonenumber accepts the full-width plus too
+
+
+def normalise_phone(value: str, region: str | None) -> str | None:
+    """SHA-256 of the E.164 form ("+12133734253"); a 64-hex value is kept."""
+    text = value.strip()
+    if not text:
+        return None
+    if is_sha256_hex(text):
+        return text.lower()
+    return sha256_hex(e164(text, region))
+
+
+def normalise_external_id(value: str) -> str | None:
+    """SHA-256 of the trimmed id; case is kept, as TikTok specifies."""
+    text = value.strip()
+    return _hash_unless_hashed(text) if text else None
+
+
+def normalise_hashed_name(value: str) -> str | None:
+    """first_name, last_name, zip_code: trimmed, lower-cased, SHA-256."""
+    text = value.strip().lower()
+    return _hash_unless_hashed(text) if text else None
+
+
+def normalise_place(value: str) -> str | None:
+    """city, state, country: lower-case letters and digits only, not hashed."""
+    text = "".join(ch for ch in value.lower() if ch.isalnum())
+    return text or None
+
+
+def normalise_ip(value: str) -> str | None:
+    """The address in compressed form; raises Dropped("invalid_ip")."""
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise Dropped(INVALID_IP) from None
+    # A dual-stack proxy reports IPv4 clients as ::ffff:a.b.c.d; TikTok knows
+    # them by the IPv4 address.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def normalise_att_status(value: str) -> str | None:
+    """One of TikTok's ATT statuses, upper-cased; raises Dropped otherwise."""
+    text = value.strip().upper()
+    if not text:
+        return None
+    if text not in ATT_STATUSES:
+        raise Dropped(INVALID_ATT_STATUS)
+    return text
+
+
+def _raw(value: str) -> str | None:
+    return value if value.strip() else None
+
+
+# --- the user object ---------------------------------------------------------
+
+Normaliser = Callable[[str], str | None]
+
+# Fields that may be one string or a list of strings (Events API 2.0).
+_LIST_FIELDS = ("email", "phone", "external_id")
+_SINGLE_FIELDS: dict[str, Normaliser] = {
+    "first_name": normalise_hashed_name,
+    "last_name": normalise_hashed_name,
+    "zip_code": normalise_hashed_name,
+    "city": normalise_place,
+    "state": normalise_place,
+    "country": normalise_place,
+    "ip": normalise_ip,
+    "att_status": normalise_att_status,
+    "ttclid": _raw,
+    "ttp": _raw,
+    "user_agent": _raw,
+    "locale": _raw,
+    "idfa": _raw,
+    "idfv": _raw,
+    "gaid": _raw,
+}
+USER_FIELDS = frozenset(_LIST_FIELDS) | frozenset(_SINGLE_FIELDS)
+# Identifiers that clients often send as JSON numbers; read as their digits.
+_NUMBER_AS_TEXT = frozenset({"phone", "external_id", "zip_code"})
+
+
+def normalise_user(
+    raw: Mapping[str, Any], *, path: str, region: str | None, warnings: list[str]
+) -> dict[str, Any]:
+    """The clean `user` object: known fields normalised and hashed, others dropped.
+
+    Wrong types raise InvalidEvent naming `path.<field>`; unusable values are
+    dropped with a warning appended to `warnings`.
+    """
+    list_normalisers: dict[str, Normaliser] = {
+        "email": normalise_email,
+        "phone": lambda value: normalise_phone(value, region),
+        "external_id": normalise_external_id,
+    }
+    user: dict[str, Any] = {}
+    for key, value in raw.items():
+        field = f"{path}.{key}"
+        if key in list_normalisers:
+            cleaned = _list_or_string(value, field, list_normalisers[key], key, warnings)
+        elif key in _SINGLE_FIELDS:
+            cleaned = _single(value, field, _SINGLE_FIELDS[key], key, warnings)
+        else:
+            # Unknown fields could hold raw PII that must not be stored.
+            warnings.append(UNKNOWN_USER_FIELD)
+            continue
+        if cleaned is not None:
+            user[key] = cleaned
+    return user
+
+
+def _text(value: Any, field: str, key: str) -> str | None:
+    """The string in `value`, None for null; InvalidEvent for other types."""
+    if value is None:
+        return None
+    if key in _NUMBER_AS_TEXT and isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 64:  # no real id is this long, and str() has a limit
+            raise InvalidEvent(field, "must be a string")
+        return str(value)
+    if not isinstance(value, str):
+        raise InvalidEvent(field, "must be a string")
+    if len(value) > MAX_PII_LENGTH:
+        raise InvalidEvent(field, f"is longer than {MAX_PII_LENGTH} characters")
+    return value
+
+
+def _apply(normalise: Normaliser, text: str, warnings: list[str]) -> str | None:
+    try:
+        return normalise(text)
+    except Dropped as dropped:
+        warnings.append(dropped.kind)
+        return None
+
+
+def _single(
+    value: Any, field: str, normalise: Normaliser, key: str, warnings: list[str]
+) -> str | None:
+    text = _text(value, field, key)
+    return None if text is None else _apply(normalise, text, warnings)
+
+
+def _list_or_string(
+    value: Any, field: str, normalise: Normaliser, key: str, warnings: list[str]
+) -> str | list[str] | None:
+    """A string stays a string; a list stays a list, deduplicated, order kept."""
+    if not isinstance(value, list):
+        if isinstance(value, dict | float | bool):
+            raise InvalidEvent(field, "must be a string or a list of strings")
+        return _single(value, field, normalise, key, warnings)
+    if len(value) > MAX_PII_ITEMS:
+        raise InvalidEvent(field, f"has more than {MAX_PII_ITEMS} items")
+    out: list[str] = []
+    for index, item in enumerate(value):
+        cleaned = _single(item, f"{field}.{index}", normalise, key, warnings)
+        if cleaned is not None and cleaned not in out:
+            out.append(cleaned)
+    return out or None
