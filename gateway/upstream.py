@@ -87,11 +87,13 @@ class UpstreamResult:
 
 
 def classify(http_status: int | None, code: int | None) -> Outcome:
-    """The outcome of an answer; the body code decides when there is one."""
-    if code is not None:
-        return _classify_code(code)
+    """The outcome of an answer: a server failure or throttle status first, then the body code."""
+    # A 5xx or 429 says the request did not get through cleanly, whatever body came
+    # with it; resending is safe because TikTok deduplicates on event_id.
     if http_status is None or http_status in (408, 429) or http_status >= 500:
         return Outcome.RETRY
+    if code is not None:
+        return _classify_code(code)
     if http_status in (401, 403):
         return Outcome.AUTH
     if 200 <= http_status < 300:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import PIXEL, TOKEN
+from tests.conftest import PIXEL, TOKEN, Gateway
 
 
 def sha256(value: str) -> str:
@@ -85,3 +86,13 @@ async def post_browser(
         answer: dict[str, Any] = await resp.json()
         answer["_status"] = resp.status
         return answer
+
+
+async def wait_drained(gateway: Gateway, dead_letters: int = 0) -> None:
+    """Until nothing is pending in Redis: every key was forwarded (or dead-lettered)."""
+    for _ in range(400):
+        pending, dead = await gateway.store.counts()
+        if pending == 0 and dead >= dead_letters:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"events still pending ({pending}) or dead letters short ({dead})")

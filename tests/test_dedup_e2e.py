@@ -7,19 +7,16 @@ import time
 
 import aiohttp
 
-from tests.conftest import PIXEL, PIXEL2, TOKEN2, Gateway, GatewayFactory
-from tests.helpers import browser_event, post_browser, post_server, server_event, sha256
+from tests.conftest import PIXEL, PIXEL2, TOKEN2, GatewayFactory
+from tests.helpers import (
+    browser_event,
+    post_browser,
+    post_server,
+    server_event,
+    sha256,
+    wait_drained,
+)
 from tests.tiktok_stub import TikTokStub
-
-
-async def wait_drained(gateway: Gateway) -> None:
-    """Until nothing is pending in Redis: every stored key was forwarded or dead-lettered."""
-    for _ in range(200):
-        pending, _dead = await gateway.store.counts()
-        if pending == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("events still pending")
 
 
 async def test_pixel_and_server_copies_merge_into_one_enriched_event(

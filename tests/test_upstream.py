@@ -117,12 +117,18 @@ def test_classify_by_code(code: int, outcome: Outcome) -> None:
     assert classify(200, code) is outcome
 
 
-@pytest.mark.parametrize("status", [None, 200, 400, 429, 500, 502])
-def test_body_code_decides_over_http_status(status: int | None) -> None:
+@pytest.mark.parametrize("status", [200, 400, 401])
+def test_body_code_decides_over_other_http_statuses(status: int) -> None:
     assert classify(status, 0) is Outcome.DELIVERED
     assert classify(status, 40100) is Outcome.RETRY
     assert classify(status, 40105) is Outcome.AUTH
     assert classify(status, 40002) is Outcome.REJECTED
+
+
+@pytest.mark.parametrize("status", [None, 408, 429, 500, 502])
+def test_server_failure_status_is_retried_whatever_the_body(status: int | None) -> None:
+    for code in (0, 40002, 40105):
+        assert classify(status, code) is Outcome.RETRY
 
 
 @pytest.mark.parametrize(
@@ -323,7 +329,7 @@ async def test_base_url_with_trailing_slash(
         (Answer(code=40105, message="Access token is invalid"), Outcome.AUTH),
         (Answer(code=40000, message="Invalid parameters"), Outcome.REJECTED),
         (Answer(code=50000, http_status=500, message="System error"), Outcome.RETRY),
-        (Answer(code=0, http_status=500), Outcome.DELIVERED),  # the body code decides
+        (Answer(code=0, http_status=500), Outcome.RETRY),  # a server failure status wins
     ],
 )
 async def test_answer_types(

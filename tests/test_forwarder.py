@@ -1,0 +1,161 @@
+"""Forwarding: batching, retries, poison isolation, dead letters, against the TikTok stand-in."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+
+from gateway.forwarder import Pacer, build_outgoing
+from gateway.store import Claim
+from tests.conftest import PIXEL, GatewayFactory
+from tests.helpers import post_server, server_event, wait_drained
+from tests.tiktok_stub import Answer, TikTokStub
+
+
+async def test_batches_per_pixel_up_to_the_batch_size(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(merge_window=0.3, forward_batch_size=10)
+    await post_server(http, gateway.url, [server_event(f"b-{i}") for i in range(25)])
+    await tiktok.wait_for_events(25)
+    sizes = [len(r.body["data"]) for r in tiktok.track_requests()]
+    assert sum(sizes) == 25
+    assert max(sizes) <= 10
+    assert len(sizes) >= 3
+    assert all(r.body["event_source_id"] == PIXEL for r in tiktok.track_requests())
+
+
+async def test_server_errors_are_retried_until_delivered(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    tiktok.queue(Answer(http_status=500), Answer(http_status=502), Answer(code=50002))
+    gateway = await make_gateway(merge_window=0.1)
+    await post_server(http, gateway.url, [server_event("retry-1")])
+    [event] = await tiktok.wait_for_events(1)
+    assert event["event_id"] == "retry-1"
+    await wait_drained(gateway)
+    assert len(tiktok.track_requests()) == 4
+    assert gateway.metric("gateway_forward_requests_total", {"outcome": "retry"}) == 3
+    assert gateway.metric("gateway_forward_requests_total", {"outcome": "delivered"}) == 1
+    state = await gateway.store.inspect(PIXEL, "retry-1", "Purchase")
+    assert state["state"] == "sent"
+    assert [e["outcome"] for e in state["timeline"]].count("retry") == 3
+
+
+async def test_rate_limit_answers_are_retried(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    tiktok.queue(
+        Answer(code=40100, message="Too many requests. Please retry in some time."),
+        Answer(http_status=429, retry_after="0"),
+    )
+    gateway = await make_gateway(merge_window=0.1)
+    await post_server(http, gateway.url, [server_event("rl-1")])
+    await tiktok.wait_for_events(1)
+    assert gateway.metric("gateway_forward_requests_total", {"outcome": "retry"}) == 2
+
+
+async def test_one_poison_event_is_isolated_and_its_batch_mates_delivered(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    tiktok.reject_event_ids = {"poison-7"}
+    gateway = await make_gateway(merge_window=0.3)
+    await post_server(http, gateway.url, [server_event(f"poison-{i}") for i in range(10)])
+    await tiktok.wait_for_events(9)
+    await wait_drained(gateway, 1)
+    assert sorted(e["event_id"] for e in tiktok.events()) == sorted(
+        f"poison-{i}" for i in range(10) if i != 7
+    )
+    [letter] = await gateway.store.dead_letters()
+    assert letter.letter["event"]["event_id"] == "poison-7"
+    assert letter.letter["code"] == 40002
+    assert "event_id" in letter.letter["message"]
+    assert gateway.metric("gateway_events_dead_lettered_total", {"reason": "rejected"}) == 1
+
+
+async def test_token_errors_are_dead_lettered_not_retried(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    tiktok.queue(Answer(code=40105, message="Access token is incorrect or has been revoked."))
+    gateway = await make_gateway(merge_window=0.1)
+    await post_server(http, gateway.url, [server_event("auth-1"), server_event("auth-2")])
+    await wait_drained(gateway, 2)
+    assert len(tiktok.track_requests()) == 1
+    assert gateway.metric("gateway_upstream_auth_failures_total", {"pixel": PIXEL}) == 1
+    assert gateway.metric("gateway_events_dead_lettered_total", {"reason": "auth"}) == 2
+
+
+async def test_events_too_old_to_send_are_dead_lettered(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(merge_window=0.1, max_event_age=60.0)
+    old = int(time.time()) - 3600
+    await post_server(
+        http, gateway.url, [server_event("old-1", event_time=old), server_event("new-1")]
+    )
+    [event] = await tiktok.wait_for_events(1)
+    assert event["event_id"] == "new-1"
+    await wait_drained(gateway, 1)
+    [letter] = await gateway.store.dead_letters()
+    assert letter.letter["reason"] == "too_old"
+
+
+async def test_dead_letters_replay_through_the_normal_path(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    tiktok.reject_event_ids = {"replay-1"}
+    gateway = await make_gateway(merge_window=0.1)
+    await post_server(http, gateway.url, [server_event("replay-1")])
+    await wait_drained(gateway, 1)
+    tiktok.reject_event_ids = set()
+    letters = await gateway.store.dead_letters()
+    assert await gateway.store.replay(letters, time.time()) == 1
+    [event] = await tiktok.wait_for_events(1)
+    assert event["event_id"] == "replay-1"
+    _, dead = await gateway.store.counts()
+    assert dead == 0
+
+
+async def test_match_keys_and_merge_wait_are_counted(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(merge_window=0.1)
+    await post_server(http, gateway.url, [server_event("mk-1")])
+    await tiktok.wait_for_events(1)
+    await wait_drained(gateway)  # the stand-in answers before the gateway records the outcome
+    assert gateway.metric("gateway_match_keys_total", {"key": "email"}) == 1
+    assert gateway.metric("gateway_match_keys_total", {"key": "external_id"}) == 1
+    assert gateway.metric("gateway_match_keys_total", {"key": "ttp"}) == 0
+    assert gateway.metric("gateway_merge_wait_seconds_count") == 1
+
+
+def test_outgoing_takes_first_copy_name_and_first_test_code() -> None:
+    claim = Claim(
+        member="P:Purchase:1",
+        shard=0,
+        token="t",
+        first_seen=1.0,
+        sources=frozenset({"pixel", "server"}),
+        attempts=1,
+        dedup=True,
+        copies=[
+            {"pixel_code": "P", "event_source": "web", "test_event_code": None,
+             "body": {"event": "CompletePayment", "event_time": 5, "user": {"ttp": "a"}}},
+            {"pixel_code": "P", "event_source": "web", "test_event_code": "T1",
+             "body": {"event": "Purchase", "event_time": 9, "user": {"email": "e"}}},
+        ],
+    )
+    out = build_outgoing(claim, default_test_code="CONF")
+    assert out.body == {"event": "CompletePayment", "event_time": 5,
+                        "user": {"ttp": "a", "email": "e"}}
+    assert out.test_event_code == "T1"
+    assert out.batch_key == ("P", "web", "T1")
+
+
+async def test_pacer_spaces_requests_per_key() -> None:
+    now = [100.0]
+    pacer = Pacer(per_second=1000.0, clock=lambda: now[0])
+    await pacer.wait("a")
+    await pacer.wait("b")
+    assert pacer._next == {"a": 100.001, "b": 100.001}
