@@ -72,7 +72,7 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
     """Create every metric in `registry`, with known label values at zero."""
     # `*_created` series double the exposition and no dashboard uses them. The switch is
     # process-wide in prometheus_client; every registry of ours wants it off.
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     pixel_labels = list(pixels) or [SANDBOX_PIXEL]
     m = Metrics(
         registry=registry,
