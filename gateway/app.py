@@ -27,6 +27,7 @@ from .errors import (
     AuthError,
     GatewayError,
     InvalidEvent,
+    InvalidJSON,
     InvalidRequest,
     NotFound,
     OriginNotAllowed,
@@ -77,7 +78,8 @@ def create_app(
 ) -> web.Application:
     """The whole gateway as an aiohttp application; `forward=False` leaves the loop off."""
     app = web.Application(
-        middlewares=[error_middleware, ingest.cors_middleware],
+        # CORS outermost, so error answers carry its headers too and the page can read them.
+        middlewares=[ingest.cors_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
     )
     metrics = make_metrics(registry or CollectorRegistry(), settings.pixels)
@@ -92,12 +94,19 @@ def create_app(
     return app
 
 
+INGEST_PATHS = {
+    "/open_api/v1.3/event/track/": ingest.event_track,
+    "/open_api/v1.2/pixel/track/": ingest.pixel_track,
+    "/open_api/v1.3/pixel/track/": ingest.pixel_track,
+    "/open_api/v1.2/pixel/batch/": ingest.pixel_batch,
+    "/open_api/v1.3/pixel/batch/": ingest.pixel_batch,
+}
+
+
 def _add_routes(app: web.Application, settings: Settings) -> None:
     r = app.router
-    r.add_post("/open_api/v1.3/event/track/", ingest.event_track)
-    for version in ("v1.2", "v1.3"):
-        r.add_post(f"/open_api/{version}/pixel/track/", ingest.pixel_track)
-        r.add_post(f"/open_api/{version}/pixel/batch/", ingest.pixel_batch)
+    for path, handler in INGEST_PATHS.items():
+        r.add_post(path, handler)
     r.add_post("/pixel/events", ingest.browser_events)
     r.add_route("OPTIONS", "/pixel/events", ingest.browser_preflight)
     r.add_get("/metrics", metrics_handler)
@@ -266,6 +275,7 @@ def _count_rejection(request: web.Request, exc: RequestError) -> None:
         OriginNotAllowed: "origin",
         RateLimited: "rate_limited",
         InvalidRequest: "invalid_request",
+        InvalidJSON: "invalid_json",
     }.get(type(exc))
     if isinstance(exc, AuthError) and exc.code == 40001:
         reason = "unknown_pixel"
@@ -299,6 +309,8 @@ async def readyz(request: web.Request) -> web.Response:
 async def passthrough_handler(request: web.Request) -> web.StreamResponse:
     """Other /open_api/ paths go to TikTok unchanged: a client's whole base URL can point here."""
     settings, res = request.app[SETTINGS], request.app[RESOURCES]
+    if request.path in INGEST_PATHS:
+        raise web.HTTPMethodNotAllowed(request.method, ["POST"])
     if not settings.passthrough or res.session is None:
         raise NotFound(f"{request.path} is not served here (GATEWAY_PASSTHROUGH=0)")
     return await passthrough.proxy(request, res.session, settings.upstream_url)

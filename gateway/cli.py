@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import sys
@@ -87,19 +88,29 @@ def serve(settings: Settings) -> int:
         else f"forwarding {len(settings.pixels)} pixel(s) to {settings.upstream_url}"
     )
     redis = settings.redis_url or f"embedded (data in {settings.data_dir})"
-    log.info("tiktok-gateway %s listening on http://%s", __version__, settings.listen)
+    log.info("tiktok-gateway %s starting", __version__)
     log.info("Redis: %s", _redact(redis))
     log.info("%s", mode)
     if not settings.sandbox and not settings.allowed_origins:
         log.warning("GATEWAY_ALLOWED_ORIGINS is empty: browsers cannot post to /pixel/events")
-    web.run_app(
-        create_app(settings),
-        host=settings.listen_host,
-        port=settings.listen_port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=10.0,
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.listen_host,
+            port=settings.listen_port,
+            # run_app "prints" once the listener is bound: that is when we really listen.
+            print=lambda _banner: log.info("listening on http://%s", settings.listen),
+            access_log=None,
+            shutdown_timeout=10.0,
+        )
+    except OSError as exc:
+        # Only binding the listener fails so (Redis errors are wrapped, and TikTok's are
+        # handled in the forwarder); run_app has already stopped what had started.
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise
+        raise ConfigError(
+            "GATEWAY_LISTEN", f"cannot listen on {settings.listen}: {os.strerror(exc.errno)}"
+        ) from None
     return 0
 
 

@@ -153,8 +153,13 @@ class EmbeddedRedis:
         if self._lock_fd is not None:
             raise RuntimeError("EmbeddedRedis is already started")
         self._binary = self._binary or find_redis_server()
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock_data_dir()
+        try:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock_data_dir()
+        except OSError as exc:  # a file in the way, no permission, a read-only disk
+            raise ConfigError(
+                "GATEWAY_DATA_DIR", f"cannot use {self.data_dir}: {exc.strerror or exc}"
+            ) from None
         try:
             self._choose_endpoint()
             self._proc = await self._launch()

@@ -4,7 +4,8 @@
     ├── ConfigError            bad configuration; stops start-up with one line
     ├── RequestError           the client's fault; answered in TikTok's envelope
     │   ├── InvalidRequest     malformed body or field (names the field)
-    │   │   └── InvalidEvent   one event of a request is malformed
+    │   │   ├── InvalidEvent   one event of a request is malformed
+    │   │   └── InvalidJSON    the body is not JSON: empty, not UTF-8, unparseable, too deep
     │   ├── AuthError          missing or wrong Access-Token, unknown pixel
     │   ├── PayloadTooLarge    body over the size limit
     │   ├── OriginNotAllowed   browser request from an origin not configured
@@ -58,6 +59,10 @@ class InvalidRequest(RequestError):
 
 class InvalidEvent(InvalidRequest):
     """One event of a request is malformed; the others may still be accepted."""
+
+
+class InvalidJSON(InvalidRequest):
+    """The body cannot be read as JSON at all (counted apart from well-formed bad bodies)."""
 
 
 class AuthError(RequestError):

@@ -24,6 +24,7 @@ from . import formats
 from .errors import (
     AuthError,
     InvalidEvent,
+    InvalidJSON,
     InvalidRequest,
     NotFound,
     OriginNotAllowed,
@@ -96,8 +97,19 @@ async def _server_ingest(request: web.Request, parse: Parser, endpoint: str) -> 
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
     now = ctx.clock()
-    parsed = parse(formats.decode_json(await request.read()), _options(ctx, now))
-    authenticate(ctx.settings, parsed.pixel_code, request.headers.get("Access-Token"))
+    doc = _decode(await request.read())
+    token = request.headers.get("Access-Token")
+    claimed = doc.get("event_source_id", doc.get("pixel_code")) if isinstance(doc, dict) else None
+    if isinstance(claimed, str):
+        # Token errors come before field errors, as TikTok answers them.
+        authenticate(ctx.settings, claimed, token)
+    try:
+        parsed = parse(doc, _options(ctx, now))
+    except InvalidEvent:
+        # pixel/track's one bad event is raised here, before _store_and_answer counts refusals.
+        ctx.metrics.rejected.labels("invalid_event").inc()
+        raise
+    authenticate(ctx.settings, parsed.pixel_code, token)
     response = await _store_and_answer(request, ctx, parsed, now)
     ctx.metrics.ingest_duration.labels(endpoint).observe(time.perf_counter() - started)
     return response
@@ -135,7 +147,7 @@ async def browser_events(request: web.Request) -> web.Response:
         ttp=request.cookies.get("_ttp"),
         ttclid_cookie=request.cookies.get("ttclid"),
     )
-    doc = formats.decode_json(await request.read())
+    doc = _decode(await request.read())
     parsed = _only_configured_pixels(
         ctx, formats.parse_browser(doc, _options(ctx, now), browser), isinstance(doc, list)
     )
@@ -251,6 +263,14 @@ RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter", RateLimiter)
 # -- shared by both sources ----------------------------------------------------
 
 
+def _decode(raw: bytes) -> Any:
+    """The body as JSON; a body that is not JSON at all is counted apart (`invalid_json`)."""
+    try:
+        return formats.decode_json(raw)
+    except InvalidRequest as exc:
+        raise InvalidJSON(exc.field, exc.reason) from None
+
+
 def _options(ctx: IngestContext, now: float) -> formats.ParseOptions:
     return formats.ParseOptions(
         now=now,
@@ -338,8 +358,10 @@ async def debug_event(request: web.Request) -> web.Response:
     admin = ctx.settings.admin_token
     if admin is None:
         raise NotFound("debug endpoints are off: set GATEWAY_ADMIN_TOKEN")
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), admin.encode()):
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        given = ""
+    if not hmac.compare_digest(given.strip().encode(), admin.encode()):
         raise AuthError(40105, "admin token missing or wrong (Authorization: Bearer ...)")
     info = request.match_info
     state = await ctx.store.inspect(info["pixel"], info["event_id"], info["event"])

@@ -126,7 +126,8 @@ async def make_gateway(
     started: list[Gateway] = []
 
     async def start(*, forward: bool = True, **overrides: Any) -> Gateway:
-        settings = base_settings(redis_url, tiktok.url, tmp_path / "data", **overrides)
+        url = overrides.pop("redis_url", redis_url)
+        settings = base_settings(url, tiktok.url, tmp_path / "data", **overrides)
         registry = CollectorRegistry()
         app = create_app(settings, registry=registry, forward=forward)
         runner = web.AppRunner(app, shutdown_timeout=2.0)
