@@ -47,7 +47,6 @@ log = logging.getLogger("gateway.app")
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 GAUGE_REFRESH_SECONDS = 5.0
-SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 @dataclass(slots=True)
@@ -55,6 +54,7 @@ class Resources:
     """What the cleanup contexts build; filled in as each one starts."""
 
     redis_url: str = ""
+    embedded: EmbeddedRedis | None = None
     redis: RedisClient | None = None
     store: Store | None = None
     session: aiohttp.ClientSession | None = None
@@ -123,7 +123,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, res = app[SETTINGS], app[RESOURCES]
     embedded: EmbeddedRedis | None = None
     if settings.redis_url is None:
-        embedded = EmbeddedRedis(settings.data_dir)
+        embedded = res.embedded = EmbeddedRedis(settings.data_dir)
         res.redis_url = await embedded.start()
         log.info("embedded Redis at %s (append-only file in %s)", res.redis_url, settings.data_dir)
     else:
@@ -182,9 +182,11 @@ def _make_forwarder_ctx(
         finally:
             res.forwarder.stop()
             # Let an in-flight batch finish and record its outcome; past the grace
-            # period its lease brings it back for any instance to send.
-            _done, pending = await asyncio.wait(tasks[1:], timeout=SHUTDOWN_GRACE_SECONDS) \
-                if len(tasks) > 1 else (set(), set())
+            # period it is cancelled, and hands its claims back to the queue.
+            grace = settings.shutdown_timeout * 0.4
+            pending = set(tasks[1:])
+            if pending:
+                _done, pending = await asyncio.wait(pending, timeout=grace)
             for task in [tasks[0], *pending]:
                 task.cancel()
             for task in tasks:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
 import os
 import sys
@@ -17,10 +16,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
-from aiohttp import web
 
-from . import __version__
-from .app import create_app, sandbox_log_path
+from . import __version__, server
+from .app import sandbox_log_path
 from .embedded import EmbeddedRedis
 from .errors import ConfigError, GatewayError
 from .logs import setup_logging
@@ -93,24 +91,7 @@ def serve(settings: Settings) -> int:
     log.info("%s", mode)
     if not settings.sandbox and not settings.allowed_origins:
         log.warning("GATEWAY_ALLOWED_ORIGINS is empty: browsers cannot post to /pixel/events")
-    try:
-        web.run_app(
-            create_app(settings),
-            host=settings.listen_host,
-            port=settings.listen_port,
-            # run_app "prints" once the listener is bound: that is when we really listen.
-            print=lambda _banner: log.info("listening on http://%s", settings.listen),
-            access_log=None,
-            shutdown_timeout=10.0,
-        )
-    except OSError as exc:
-        # Only binding the listener fails so (Redis errors are wrapped, and TikTok's are
-        # handled in the forwarder); run_app has already stopped what had started.
-        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
-            raise
-        raise ConfigError(
-            "GATEWAY_LISTEN", f"cannot listen on {settings.listen}: {os.strerror(exc.errno)}"
-        ) from None
+    asyncio.run(server.serve(settings))
     return 0
 
 

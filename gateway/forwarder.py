@@ -150,7 +150,14 @@ class Forwarder:
         chunks = [
             items[i : i + size] for items in batches.values() for i in range(0, len(items), size)
         ]
-        await asyncio.gather(*(self._send_limited(chunk) for chunk in chunks))
+        try:
+            await asyncio.gather(*(self._send_limited(chunk) for chunk in chunks))
+        except asyncio.CancelledError:
+            # Shutting down mid-send: hand back what was not acknowledged, so another
+            # instance sends it now rather than after the lease.
+            entry = _timeline("released", self.clock(), why="shutdown")
+            await asyncio.shield(self.store.release(claims, self.clock(), entry))
+            raise
         return len(claims)
 
     async def _send_limited(self, items: list[Outgoing]) -> None:

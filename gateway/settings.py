@@ -56,6 +56,7 @@ class Settings:
     forward_concurrency: int = 8
     forward_lease: float = 60.0
     upstream_timeout: float = 10.0
+    shutdown_timeout: float = 30.0
     upstream_rate_limit: float = 50.0
     retry_base: float = 1.0
     retry_cap: float = 300.0
@@ -139,6 +140,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         forward_concurrency=get("FORWARD_CONCURRENCY", _positive_int, d.forward_concurrency),
         forward_lease=get("FORWARD_LEASE", _seconds, d.forward_lease),
         upstream_timeout=get("UPSTREAM_TIMEOUT", _seconds, d.upstream_timeout),
+        shutdown_timeout=get("SHUTDOWN_TIMEOUT", _seconds, d.shutdown_timeout),
         upstream_rate_limit=get("UPSTREAM_RATE_LIMIT", _seconds, d.upstream_rate_limit),
         retry_base=get("RETRY_BASE", _seconds, d.retry_base),
         retry_cap=get("RETRY_CAP", _seconds, d.retry_cap),
