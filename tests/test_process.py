@@ -17,8 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,55 +29,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import PIXEL, TOKEN, free_port
 from tests.helpers import browser_event, post_browser, post_server, server_event, sha256
+from tests.processes import (
+    POLL_SECONDS,
+    STOP_SECONDS,
+    Launcher,
+    Starter,
+    alive,
+    embedded_redis_pid,
+    environment,
+    wait_gone,
+    wait_ready,
+)
 
 TTP = "ttp-process-test-0000001"
-START_SECONDS = 30.0
-STOP_SECONDS = 15.0
-POLL_SECONDS = 0.05
-
-
-def _environment(**variables: str) -> dict[str, str]:
-    """This process's environment without any GATEWAY_* variable, plus `variables`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(variables)
-    return env
-
-
-@dataclass
-class GatewayProcess:
-    """One `python -m gateway serve`; its stdout and stderr go to `log_path`."""
-
-    proc: asyncio.subprocess.Process
-    url: str
-    data_dir: Path
-    log_path: Path
-    log_offset: int = 0  # where this run's output starts in the shared log file
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        """This run's log, one JSON object per line (GATEWAY_LOG_FORMAT=json)."""
-        with self.log_path.open("rb") as f:
-            f.seek(self.log_offset)
-            raw = f.read()
-        return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
-
-    def log_text(self) -> str:
-        return self.log_path.read_bytes()[self.log_offset :].decode(errors="replace")
-
-    def messages(self) -> list[str]:
-        return [str(line["message"]) for line in self.log_lines()]
-
-    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
-        """SIGTERM (or `sig`), then the exit code; fails if it takes longer than STOP_SECONDS."""
-        self.proc.send_signal(sig)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), STOP_SECONDS)
-        except TimeoutError:
-            raise AssertionError(
-                f"gateway did not exit {STOP_SECONDS}s after SIGTERM; log:\n{self.log_text()}"
-            ) from None
-
-
-Starter = Callable[..., Awaitable[GatewayProcess]]
 
 
 @pytest.fixture
@@ -92,89 +55,15 @@ def data_dir() -> Iterator[Path]:
 @pytest_asyncio.fixture
 async def start_gateway(data_dir: Path) -> AsyncIterator[Starter]:
     """Start gateway processes on `data_dir`; any still running afterwards are killed."""
-    started: list[GatewayProcess] = []
-    log_path = data_dir.parent / f"{data_dir.name}-gateway.log"
-
-    async def start(**variables: str) -> GatewayProcess:
-        port = free_port()
-        env = _environment(
-            GATEWAY_LISTEN=f"127.0.0.1:{port}",
-            GATEWAY_DATA_DIR=str(data_dir),
-            GATEWAY_MERGE_WINDOW="0.5",
-            GATEWAY_LOG_FORMAT="json",
-            **variables,
-        )
-        with log_path.open("ab") as log:
-            offset = log.tell()
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway", "serve",
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                env=env, cwd=data_dir,
-            )  # fmt: skip
-        gateway = GatewayProcess(proc, f"http://127.0.0.1:{port}", data_dir, log_path, offset)
-        started.append(gateway)
-        await _wait_ready(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        if gateway.proc.returncode is None:
-            gateway.proc.kill()
-            await gateway.proc.wait()
+    launcher = Launcher(
+        data_dir, data_dir.parent, f"{data_dir.name}-gateway", GATEWAY_MERGE_WINDOW="0.5"
+    )
+    yield launcher.start
+    await launcher.close()
     # The embedded Redis must not outlive a test, whatever the gateway did.
-    pid = _redis_pid(data_dir)
-    if pid is not None and _alive(pid):
+    pid = embedded_redis_pid(data_dir)
+    if pid is not None and alive(pid):
         os.kill(pid, signal.SIGKILL)
-    log_path.unlink(missing_ok=True)
-
-
-async def _wait_ready(gateway: GatewayProcess) -> None:
-    """Poll /readyz until 200; fail at once if the process exits, or after START_SECONDS."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + START_SECONDS
-    timeout = aiohttp.ClientTimeout(total=2.0)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
-        while loop.time() < deadline:
-            if gateway.proc.returncode is not None:
-                raise AssertionError(
-                    f"gateway exited with {gateway.proc.returncode}:\n{gateway.log_text()}"
-                )
-            try:
-                async with http.get(f"{gateway.url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass  # not listening yet
-            await asyncio.sleep(POLL_SECONDS)
-    raise AssertionError(f"gateway not ready in {START_SECONDS}s:\n{gateway.log_text()}")
-
-
-def _redis_pid(data_dir: Path) -> int | None:
-    try:
-        return int((data_dir / "redis.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie answers signal 0 but is gone
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-async def _wait_gone(pid: int, seconds: float = 5.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while _alive(pid):
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(POLL_SECONDS)
-    return True
 
 
 async def _wait_sandbox_lines(path: Path, n: int, seconds: float = 10.0) -> list[dict[str, Any]]:
@@ -231,7 +120,7 @@ async def _run_cli(data_dir: Path, *argv: str) -> tuple[int, str, str]:
         sys.executable, "-m", "gateway", *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=_environment(GATEWAY_DATA_DIR=str(data_dir), GATEWAY_LOG_FORMAT="json"),
+        env=environment(GATEWAY_DATA_DIR=str(data_dir), GATEWAY_LOG_FORMAT="json"),
         cwd=data_dir,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), STOP_SECONDS)
@@ -252,8 +141,8 @@ async def test_serve_embedded_sandbox_survives_a_restart(
     assert any(m.startswith("Redis: embedded") for m in messages), messages
     assert any("embedded redis-server" in m and "redis.sock" in m for m in messages), messages
     assert any(m.startswith("SANDBOX mode") for m in messages), messages
-    redis_pid = _redis_pid(data_dir)
-    assert redis_pid is not None and _alive(redis_pid)
+    redis_pid = embedded_redis_pid(data_dir)
+    assert redis_pid is not None and alive(redis_pid)
     assert (data_dir / "redis.sock").is_socket()
 
     # -- one action, reported by the server and by the browser: one merged event.
@@ -287,13 +176,13 @@ async def test_serve_embedded_sandbox_survives_a_restart(
 
     # -- SIGTERM: a clean exit, and the embedded Redis goes with it.
     assert await gateway.stop() == 0
-    assert await _wait_gone(redis_pid), f"redis-server {redis_pid} outlived the gateway"
+    assert await wait_gone(redis_pid), f"redis-server {redis_pid} outlived the gateway"
     assert any(f"redis-server (pid {redis_pid}) stopped" in m for m in gateway.messages())
     assert not any(line["level"] == "error" for line in gateway.log_lines()), gateway.log_text()
 
     # -- restarted on the same data dir: the dedup memory came back from the AOF.
     again = await start_gateway()
-    new_pid = _redis_pid(data_dir)
+    new_pid = embedded_redis_pid(data_dir)
     assert new_pid is not None and new_pid != redis_pid
     async with aiohttp.ClientSession() as http:
         answer = await post_server(http, again.url, [server_event("proc-1")])
@@ -307,12 +196,12 @@ async def test_serve_embedded_sandbox_survives_a_restart(
 
     # Ctrl-C reaches only the gateway (Redis runs in its own session); it stops Redis itself.
     assert await again.stop(signal.SIGINT) == 0
-    assert await _wait_gone(new_pid)
+    assert await wait_gone(new_pid)
 
 
 async def _serve_once(data_dir: Path, *command: str, **variables: str) -> tuple[int, str, str]:
     """Run `python -m gateway COMMAND` that is expected to stop by itself; (code, out, err)."""
-    env = _environment(
+    env = environment(
         GATEWAY_LISTEN=f"127.0.0.1:{free_port()}",
         GATEWAY_DATA_DIR=str(data_dir),
         GATEWAY_LOG_FORMAT="json",
@@ -366,7 +255,7 @@ async def test_busy_port_stops_serve_with_one_line_naming_gateway_listen(data_di
     # The embedded Redis it had started is stopped again.
     [pid] = [int(m) for m in re.findall(r"embedded redis-server \(pid (\d+)\) listening", err)]
     assert f"embedded redis-server (pid {pid}) stopped" in messages
-    assert await _wait_gone(pid)
+    assert await wait_gone(pid)
 
 
 async def test_data_dir_that_is_a_file_stops_serve_with_one_line(data_dir: Path) -> None:
@@ -385,7 +274,7 @@ async def test_second_gateway_on_a_data_dir_in_use_refuses_to_start(
     start_gateway: Starter, data_dir: Path
 ) -> None:
     first = await start_gateway()
-    pid = _redis_pid(data_dir)
+    pid = embedded_redis_pid(data_dir)
 
     code, _out, err = await _serve_once(data_dir, "serve")
 
@@ -394,6 +283,6 @@ async def test_second_gateway_on_a_data_dir_in_use_refuses_to_start(
     assert line.startswith("tiktok-gateway: configuration error: GATEWAY_DATA_DIR: ")
     assert f"in use by another gateway or its redis-server (pid {pid})" in line
     # The first one is unharmed: same Redis, still ready.
-    assert _redis_pid(data_dir) == pid
-    await _wait_ready(first)
+    assert embedded_redis_pid(data_dir) == pid
+    await wait_ready(first)
     assert await first.stop() == 0

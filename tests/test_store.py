@@ -751,3 +751,17 @@ async def test_connect_client_closes_its_connections(
     assert len(await redis_client.client_list()) == before + 1
     await client.aclose()
     assert len(await redis_client.client_list()) == before
+
+
+async def test_redis_out_of_memory_is_unavailable_not_a_crash(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
+    """With `noeviction` and maxmemory reached Redis refuses writes: answer 503, store nothing."""
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(StoreUnavailable, match="OOM"):
+            await store.ingest([event("oom-1")], now=time.time())
+    finally:
+        await redis_client.config_set("maxmemory", "0")
+    assert await redis_client.keys("tkgw:*") == []
