@@ -37,6 +37,7 @@ from .errors import (
 )
 from .forwarder import Forwarder
 from .ingest import CONTEXT, RATE_LIMITER, REQUEST_ID, IngestContext, RateLimiter, envelope
+from .logs import request_context
 from .metrics import Metrics, make_metrics
 from .settings import Settings
 from .store import RedisClient, Store, connect
@@ -128,7 +129,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("embedded Redis at %s (append-only file in %s)", res.redis_url, settings.data_dir)
     else:
         res.redis_url = settings.redis_url
-    res.redis = connect(res.redis_url, cluster=settings.redis_cluster)
+    res.redis = connect(
+        res.redis_url, cluster=settings.redis_cluster, timeout=settings.redis_timeout
+    )
     res.store = Store(
         res.redis,
         shards=settings.shards,
@@ -174,7 +177,7 @@ def _make_forwarder_ctx(
         senders = _senders(settings, res.session, res.sandbox_log)
         res.forwarder = Forwarder(res.store, senders, settings, metrics, clock=clock)
         app[CONTEXT] = IngestContext(settings, res.store, metrics, res.forwarder, clock)
-        tasks = [asyncio.create_task(_refresh_gauges(res.store, metrics), name="gauges")]
+        tasks = [asyncio.create_task(_refresh_gauges(res.store, metrics, clock), name="gauges")]
         if forward:
             tasks.append(asyncio.create_task(res.forwarder.run(), name="forwarder"))
         try:
@@ -211,15 +214,22 @@ def _senders(
     return sender_for
 
 
-async def _refresh_gauges(store: Store, metrics: Metrics) -> None:
-    """Pending and dead-letter gauges, read in the background so a scrape never waits on Redis."""
+async def _refresh_gauges(store: Store, metrics: Metrics, clock: Callable[[], float]) -> None:
+    """Gauges that need Redis, read in the background so a scrape never waits on Redis."""
     while True:
         try:
-            pending, dead = await store.counts()
-            metrics.pending.set(pending)
-            metrics.dead_letters.set(dead)
+            backlog = await store.backlog(clock())
         except StoreUnavailable:
             metrics.redis_errors.inc()
+            metrics.redis_up.set(0)
+        except Exception:
+            log.exception("could not refresh the backlog gauges")
+            metrics.redis_up.set(0)
+        else:
+            metrics.pending.set(backlog.pending)
+            metrics.dead_letters.set(backlog.dead_letters)
+            metrics.forward_lag.set(backlog.lag)
+            metrics.redis_up.set(1)
         await asyncio.sleep(GAUGE_REFRESH_SECONDS)
 
 
@@ -230,14 +240,27 @@ async def _refresh_gauges(store: Store, metrics: Metrics) -> None:
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """The one place errors become answers, in TikTok's envelope."""
+    """The one place errors become answers, in TikTok's envelope; sets the request id."""
     request[REQUEST_ID] = uuid.uuid4().hex
+    with request_context(request[REQUEST_ID]):
+        return await _answer(request, handler)
+
+
+async def _answer(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     tiktok_path = request.path.startswith("/open_api/")
     try:
         return await handler(request)
     except RequestError as exc:
         _count_rejection(request, exc)
         status = exc.tiktok_status if tiktok_path else exc.http_status
+        # A client's mistake, not ours: INFO (a flood of rate-limited beacons: DEBUG).
+        log.log(
+            logging.DEBUG if isinstance(exc, RateLimited) else logging.INFO,
+            "refused %s %s: %s", request.method, request.path, exc.message,
+            extra={"outcome": "refused", "code": exc.code, "status": status},
+        )
         response = envelope(request, exc.code, exc.message, status=status)
         if isinstance(exc, RateLimited):
             response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
@@ -247,7 +270,10 @@ async def error_middleware(
         request.app[METRICS].rejected.labels("store_unavailable").inc()
         log.warning("refused %s %s: %s", request.method, request.path, exc)
         return envelope(
-            request, exc.code, "Temporarily unavailable: nothing was stored, please retry",
+            request,
+            exc.code,
+            "Temporarily unavailable: the event was not acknowledged, please retry "
+            "(retrying is safe: a copy that did get stored is merged or dropped)",
             status=exc.http_status,
         )
     except web.HTTPRequestEntityTooLarge:

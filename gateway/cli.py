@@ -1,4 +1,4 @@
-"""`tiktok-gateway`: serve, check-config, inspect, dead-letters.
+"""`tiktok-gateway`: serve, check-config, healthcheck, inspect, dead-letters.
 
 The only module that reads the environment.
 """
@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import logging
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,11 +29,15 @@ from .settings import Settings
 from .store import Store, connect
 
 log = logging.getLogger("gateway.cli")
+# Seconds `healthcheck` waits for /readyz; below the Dockerfile's HEALTHCHECK --timeout.
+HEALTHCHECK_TIMEOUT = 3.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and of `python -m gateway`."""
     args = _parser().parse_args(argv)
+    if args.command == "healthcheck":
+        return healthcheck(args.url, args.config)
     try:
         settings = Settings.from_env(os.environ, args.config)
     except ConfigError as exc:
@@ -63,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the gateway (the default)")
     sub.add_parser("check-config", help="validate configuration and Redis reach, then exit")
+    health = sub.add_parser(
+        "healthcheck", help="exit 0 when the running gateway's /readyz answers 200 (for Docker)"
+    )
+    health.add_argument(
+        "--url", default=None, help="URL to GET instead of /readyz on GATEWAY_LISTEN"
+    )
     inspect = sub.add_parser("inspect", help="print a key's state and timeline")
     inspect.add_argument("pixel")
     inspect.add_argument("event_id")
@@ -95,6 +108,46 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def healthcheck(url: str | None, config: Path | None = None) -> int:
+    """GET the gateway's /readyz (or `url`): 0 when it answers 200, else 1.
+
+    Docker's HEALTHCHECK reserves exit code 2, so even a configuration error is 1.
+    """
+    if url is None:
+        try:
+            url = readyz_url(Settings.from_env(os.environ, config))
+        except ConfigError as exc:
+            print(f"tiktok-gateway: configuration error: {exc}", file=sys.stderr)
+            return 1
+    # No proxies: a container's HTTP_PROXY must not carry a probe of our own port elsewhere.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=HEALTHCHECK_TIMEOUT) as response:
+            status, body = response.status, response.read(512)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            status, body = exc.code, exc.read(512)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        print(f"unhealthy: {url}: {reason or type(exc).__name__}", file=sys.stderr)
+        return 1
+    text = body.decode("utf-8", "replace").strip()
+    if status != 200:
+        print(f"unhealthy: {url}: HTTP {status} {text}", file=sys.stderr)
+        return 1
+    print(f"healthy: {url}: {text}")
+    return 0
+
+
+def readyz_url(settings: Settings) -> str:
+    """The /readyz URL of a gateway with these settings, as seen from its own host."""
+    # A wildcard address is not one to connect to: probe the loopback of the same family.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.listen_host, settings.listen_host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.listen_port}/readyz"
+
+
 @asynccontextmanager
 async def _store(settings: Settings) -> AsyncIterator[Store]:
     """A store on the configured Redis; with none, the running gateway's or our own embedded one."""
@@ -106,7 +159,7 @@ async def _store(settings: Settings) -> AsyncIterator[Store]:
     if url is None:
         embedded = EmbeddedRedis(settings.data_dir)
         url = await embedded.start()
-    client = connect(url, cluster=settings.redis_cluster)
+    client = connect(url, cluster=settings.redis_cluster, timeout=settings.redis_timeout)
     try:
         yield Store(
             client,

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +24,12 @@ from typing import Any
 import orjson
 
 from .errors import StoreUnavailable
+from .events import dedup_name
 from .merge import merge_copies
 from .metrics import MATCH_KEYS, Metrics
 from .settings import Settings
 from .store import Claim, Store
-from .upstream import EventSender, Outcome, UpstreamResult, retry_delay
+from .upstream import RATE_LIMIT_CODES, EventSender, Outcome, UpstreamResult, retry_delay
 
 log = logging.getLogger("gateway.forwarder")
 
@@ -98,6 +100,9 @@ class Forwarder:
         self._wake = asyncio.Event()
         self._stopping = False
         self._limit = asyncio.Semaphore(settings.forward_concurrency)
+        # Rate-limit answers in a row, per pixel: whether a throttle persists. An event's
+        # attempt count cannot tell; it also counts the 5xx and timeouts before the first.
+        self._rate_limited: dict[str, int] = {}
 
     def wake(self) -> None:
         """Look for due events now rather than at the next poll (a pair just completed)."""
@@ -170,9 +175,11 @@ class Forwarder:
 
     async def _send(self, items: Sequence[Outgoing]) -> None:
         first = items[0]
+        # Names this attempt in the keys' timelines and in the log lines, so both can be joined.
+        batch = uuid.uuid4().hex[:12]
         found = self.senders(first.pixel_code)
         if found is None:
-            await self._dead_letter_all(items, "auth", None, "pixel no longer configured")
+            await self._dead_letter_all(items, "auth", None, "pixel no longer configured", batch)
             return
         sender, token = found
         await self.pacer.wait(first.pixel_code)
@@ -183,29 +190,46 @@ class Forwarder:
             data=[item.body for item in items],
             test_event_code=first.test_event_code,
         )
-        self.metrics.forward_requests.labels(result.outcome.value).inc()
+        throttled = result.code in RATE_LIMIT_CODES
+        self._rate_limited[first.pixel_code] = (
+            self._rate_limited.get(first.pixel_code, 0) + 1 if throttled else 0
+        )
+        self.metrics.forward_requests.labels(result.outcome.value, result.code_class).inc()
         self.metrics.forward_duration.observe(result.duration)
         if result.outcome is Outcome.DELIVERED:
-            await self._delivered(items, result)
+            await self._delivered(items, result, batch)
         elif result.outcome is Outcome.RETRY:
-            await self._retry(items, result)
+            await self._retry(items, result, batch)
         elif result.outcome is Outcome.AUTH:
             self.metrics.upstream_auth_failures.labels(self._pixel_label(first.pixel_code)).inc()
             log.error(
                 "TikTok refused the access token of pixel %s (code %s: %s); events dead-lettered",
                 first.pixel_code, result.code, result.message,
+                extra=_batch_fields(items, batch, "auth", result),
             )
-            await self._dead_letter_all(items, "auth", result.code, result.message)
+            await self._dead_letter_all(items, "auth", result.code, result.message, batch)
         else:
-            await self._rejected(items, result)
+            await self._rejected(items, result, batch)
 
-    async def _delivered(self, items: Sequence[Outgoing], result: UpstreamResult) -> None:
+    async def _delivered(
+        self, items: Sequence[Outgoing], result: UpstreamResult, batch: str
+    ) -> None:
         now = self.clock()
+        # Counted before the acknowledgement: TikTok has the events whatever happens to
+        # our bookkeeping, and anyone who sees the key marked sent also sees the counts.
+        self._count_delivered(items, now)
         entry = _timeline("forwarded", now, request_id=result.request_id, code=result.code,
-                          batch_size=len(items))
+                          batch=batch, batch_size=len(items))
         await asyncio.shield(
             self.store.ack([i.claim for i in items], now, result.request_id or "", entry)
         )
+        log.info(
+            "forwarded %d event(s) for pixel %s (request_id %s)",
+            len(items), items[0].pixel_code, result.request_id,
+            extra=_batch_fields(items, batch, "forwarded", result),
+        )
+
+    def _count_delivered(self, items: Sequence[Outgoing], now: float) -> None:
         pixel = self._pixel_label(items[0].pixel_code)
         self.metrics.forwarded.labels(pixel).inc(len(items))
         for item in items:
@@ -213,32 +237,42 @@ class Forwarder:
             user = item.body.get("user") or {}
             for key in MATCH_KEYS:
                 if user.get(key):
-                    self.metrics.match_keys.labels(key).inc()
-        log.info(
-            "forwarded %d event(s) for pixel %s (request_id %s)",
-            len(items), items[0].pixel_code, result.request_id,
-        )
+                    self.metrics.match_keys.labels(pixel, key).inc()
+            sources = self.metrics.pair_label(item.claim.sources)
+            if item.claim.dedup and sources is not None:
+                name = dedup_name(str(item.body.get("event")), self.settings.legacy_aliases)
+                self.metrics.forwarded_keys.labels(
+                    pixel, self.metrics.event_label(name), sources
+                ).inc()
 
-    async def _retry(self, items: Sequence[Outgoing], result: UpstreamResult) -> None:
+    async def _retry(self, items: Sequence[Outgoing], result: UpstreamResult, batch: str) -> None:
         attempt = max(i.claim.attempts for i in items)
         delay = retry_delay(
-            result, attempt, base=self.settings.retry_base, cap=self.settings.retry_cap
+            result,
+            attempt,
+            base=self.settings.retry_base,
+            cap=self.settings.retry_cap,
+            rate_limits=self._rate_limited.get(items[0].pixel_code, 0),
         )
         now = self.clock()
         entry = _timeline("retry", now, code=result.code, http_status=result.http_status,
-                          message=result.message, retry_in=round(delay, 3))
+                          message=result.message, retry_in=round(delay, 3), batch=batch,
+                          attempt=attempt)
         await asyncio.shield(self.store.release([i.claim for i in items], now + delay, entry))
         self.metrics.forward_retries.inc(len(items))
         log.warning(
             "TikTok send failed for pixel %s (http %s, code %s: %s); %d event(s) retry in %.1fs",
             items[0].pixel_code, result.http_status, result.code, result.message,
             len(items), delay,
+            extra={**_batch_fields(items, batch, "retry", result), "retry_in": round(delay, 3)},
         )
 
-    async def _rejected(self, items: Sequence[Outgoing], result: UpstreamResult) -> None:
+    async def _rejected(
+        self, items: Sequence[Outgoing], result: UpstreamResult, batch: str
+    ) -> None:
         """Split a rejected batch until the bad event is alone; send the rest."""
         if len(items) == 1:
-            await self._dead_letter(items[0], "rejected", result.code, result.message)
+            await self._dead_letter(items[0], "rejected", result.code, result.message, batch)
             return
         bad = result.bad_event_index
         if bad is not None and 0 <= bad < len(items):
@@ -250,13 +284,23 @@ class Forwarder:
             await self._send(part)
 
     async def _dead_letter_all(
-        self, items: Sequence[Outgoing], reason: str, code: int | None, message: str
+        self,
+        items: Sequence[Outgoing],
+        reason: str,
+        code: int | None,
+        message: str,
+        batch: str | None = None,
     ) -> None:
         for item in items:
-            await self._dead_letter(item, reason, code, message)
+            await self._dead_letter(item, reason, code, message, batch)
 
     async def _dead_letter(
-        self, item: Outgoing, reason: str, code: int | None, message: str
+        self,
+        item: Outgoing,
+        reason: str,
+        code: int | None,
+        message: str,
+        batch: str | None = None,
     ) -> None:
         now = self.clock()
         letter = {
@@ -272,13 +316,23 @@ class Forwarder:
             "dedup": item.claim.dedup,
             "event": item.body,
         }
-        entry = _timeline("dead_lettered", now, reason=reason, code=code, message=message)
+        entry = _timeline("dead_lettered", now, reason=reason, code=code, message=message,
+                          **({"batch": batch} if batch else {}))
         stored = await asyncio.shield(self.store.dead_letter(item.claim, letter, now, entry))
         if stored is not None:
             self.metrics.dead_lettered.labels(reason).inc()
             log.warning(
                 "dead-lettered %s event %s for pixel %s: %s (code %s)",
                 item.body.get("event"), item.body.get("event_id"), item.pixel_code, message, code,
+                extra={
+                    "pixel": item.pixel_code,
+                    "event": item.body.get("event"),
+                    "event_id": item.body.get("event_id"),
+                    "outcome": "dead_lettered",
+                    "reason": reason,
+                    "code": code,
+                    **({"batch": batch} if batch else {}),
+                },
             )
 
     def _pixel_label(self, pixel_code: str) -> str:
@@ -287,3 +341,21 @@ class Forwarder:
 
 def _timeline(outcome: str, at: float, **fields: Any) -> bytes:
     return orjson.dumps({"outcome": outcome, "at": round(at, 3), **fields})
+
+
+def _batch_fields(
+    items: Sequence[Outgoing], batch: str, outcome: str, result: UpstreamResult
+) -> dict[str, Any]:
+    """Structured log fields of one send: names and ids only, never event contents."""
+    names = sorted({str(item.body.get("event")) for item in items})
+    return {
+        "pixel": items[0].pixel_code,
+        "event": names[0] if len(names) == 1 else names,
+        "outcome": outcome,
+        "batch": batch,
+        "batch_size": len(items),
+        "code": result.code,
+        "http_status": result.http_status,
+        "tiktok_request_id": result.request_id,
+        "duration": round(result.duration, 4),
+    }

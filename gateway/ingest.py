@@ -323,6 +323,13 @@ def _count_results(
         log.debug(
             "%s %s event %s for pixel %s: %s",
             event.source, event.name, event.event_id, event.pixel_code, result.status,
+            extra={
+                "pixel": event.pixel_code,
+                "event": event.name,
+                "event_id": event.event_id,
+                "source": event.source,
+                "outcome": result.status,
+            },
         )
     if wake and ctx.forwarder is not None:
         ctx.forwarder.wake()

@@ -1,7 +1,13 @@
 """Prometheus metrics: built by `make_metrics(registry)`, never at import time.
 
 Label values are bounded: pixels come from configuration (sandbox traffic is
-labelled "sandbox"), reasons and outcomes from fixed sets defined here.
+labelled "sandbox"), event names are TikTok's standard names or "custom",
+reasons, outcomes and code classes come from fixed sets defined here and in
+`upstream.CODE_CLASSES`. Known label values are created at zero, so `rate()`
+and the dashboard see every series from the first scrape.
+
+Gauges that need Redis (pending, dead letters, forward lag, Redis up) are set
+by a background task in `app.py`; a scrape never waits on Redis.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     disable_created_metrics,
 )
 
-from .events import SOURCES
+from . import __version__
+from .events import SOURCES, STANDARD_EVENTS, Source
 from .formats import WARNING_KINDS as FORMAT_WARNING_KINDS
 
 SANDBOX_PIXEL = "sandbox"
@@ -34,12 +42,32 @@ REJECT_REASONS = (
     "store_unavailable",
 )
 FORWARD_OUTCOMES = ("delivered", "retry", "rejected", "auth")
+# The code classes (upstream.CODE_CLASSES) each outcome can come with; these pairs start at zero.
+FORWARD_CODE_CLASSES: dict[str, tuple[str, ...]] = {
+    "delivered": ("0", "20001"),
+    "retry": (
+        "4xxxx_rate_limit", "4xxxx_transient", "5xxxx", "http_4xx", "http_5xx", "network", "other",
+    ),
+    "auth": ("4xxxx_auth", "http_4xx"),
+    "rejected": ("4xxxx_invalid", "http_4xx", "other"),
+}
+CUSTOM_EVENT = "custom"
+EVENT_LABELS = (*sorted(STANDARD_EVENTS), CUSTOM_EVENT)
+# How a forwarded key was seen: from both sources (the pair matched) or from one.
+PAIR_SOURCES = ("both", "pixel_only", "server_only")
 DEAD_LETTER_REASONS = ("rejected", "auth", "too_old")
 WARNING_KINDS = (*FORMAT_WARNING_KINDS, "other")
+INGEST_ENDPOINTS = ("event_track", "pixel_track", "pixel_batch", "browser")
 
-# Ingest is sub-millisecond to a few ms; forwarding is a network call to TikTok.
-INGEST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-FORWARD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Ingest is sub-millisecond to a few ms; forwarding is a network call to TikTok (tens of
+# ms to seconds, up to GATEWAY_UPSTREAM_TIMEOUT); both start below a millisecond, where a
+# local Redis or a sandbox file answers.
+INGEST_BUCKETS = (
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+FORWARD_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
 MERGE_WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -55,17 +83,34 @@ class Metrics:
     input_warnings: Counter
     forward_requests: Counter
     forward_retries: Counter
+    forwarded_keys: Counter
     upstream_auth_failures: Counter
     forward_duration: Histogram
     ingest_duration: Histogram
     merge_wait: Histogram
     pending: Gauge
     dead_letters: Gauge
+    forward_lag: Gauge
     match_keys: Counter
     redis_errors: Counter
+    redis_up: Gauge
+    build_info: Info
 
     def pixel_label(self, pixel_code: str, configured: Iterable[str]) -> str:
         return pixel_code if pixel_code in configured else SANDBOX_PIXEL
+
+    @staticmethod
+    def event_label(name: str) -> str:
+        """TikTok's standard names as they are; any custom name is "custom"."""
+        return name if name in STANDARD_EVENTS else CUSTOM_EVENT
+
+    @staticmethod
+    def pair_label(sources: Iterable[Source]) -> str | None:
+        """`both`, `pixel_only` or `server_only`; None for a key without a known source."""
+        seen = set(sources)
+        if len(seen) == len(SOURCES):
+            return "both"
+        return f"{seen.pop()}_only" if seen else None
 
 
 def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Metrics:
@@ -106,11 +151,18 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
             ["kind"], registry=registry,
         ),
         forward_requests=Counter(
-            "gateway_forward_requests", "Requests sent to TikTok, by outcome.", ["outcome"],
-            registry=registry,
+            "gateway_forward_requests",
+            "Requests sent to TikTok, by outcome and class of TikTok's code (or HTTP status).",
+            ["outcome", "code_class"], registry=registry,
         ),
         forward_retries=Counter(
             "gateway_forward_retries", "Events put back for a later attempt.", registry=registry,
+        ),
+        forwarded_keys=Counter(
+            "gateway_forwarded_keys",
+            "Deduplicated keys forwarded, by the sources their copies came from: the share "
+            "with sources=\"both\" is the pair completion (do pixel and server event_ids match).",
+            ["pixel", "event", "sources"], registry=registry,
         ),
         upstream_auth_failures=Counter(
             "gateway_upstream_auth_failures",
@@ -135,15 +187,27 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
         dead_letters=Gauge(
             "gateway_dead_letter_events", "Events in the dead-letter stream.", registry=registry,
         ),
+        forward_lag=Gauge(
+            "gateway_forward_lag_seconds",
+            "How long the oldest due event has waited for a forwarder to claim it.",
+            registry=registry,
+        ),
         match_keys=Counter(
-            "gateway_match_keys", "Forwarded events carrying each match key.", ["key"],
+            "gateway_match_keys", "Forwarded events carrying each match key.", ["pixel", "key"],
             registry=registry,
         ),
         redis_errors=Counter(
             "gateway_redis_errors", "Redis calls that failed because Redis was unavailable.",
             registry=registry,
         ),
+        redis_up=Gauge(
+            "gateway_redis_up",
+            "1 when the last background read of Redis succeeded, 0 when it failed.",
+            registry=registry,
+        ),
+        build_info=Info("gateway_build", "The gateway's version.", registry=registry),
     )
+    m.build_info.info({"version": __version__})
     for pixel in pixel_labels:
         for source in SOURCES:
             m.received.labels(source, pixel)
@@ -151,14 +215,20 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
         m.duplicates.labels(pixel)
         m.forwarded.labels(pixel)
         m.upstream_auth_failures.labels(pixel)
+        for key in MATCH_KEYS:
+            m.match_keys.labels(pixel, key)
+        for event in EVENT_LABELS:
+            for sources in PAIR_SOURCES:
+                m.forwarded_keys.labels(pixel, event, sources)
     for reason in REJECT_REASONS:
         m.rejected.labels(reason)
     for reason in DEAD_LETTER_REASONS:
         m.dead_lettered.labels(reason)
     for kind in WARNING_KINDS:
         m.input_warnings.labels(kind)
-    for outcome in FORWARD_OUTCOMES:
-        m.forward_requests.labels(outcome)
-    for key in MATCH_KEYS:
-        m.match_keys.labels(key)
+    for endpoint in INGEST_ENDPOINTS:
+        m.ingest_duration.labels(endpoint)
+    for outcome, classes in FORWARD_CODE_CLASSES.items():
+        for code_class in classes:
+            m.forward_requests.labels(outcome, code_class)
     return m

@@ -32,6 +32,8 @@ class Settings:
     listen_port: int = 8080
     redis_url: str | None = None
     redis_cluster: bool = False
+    # Longest wait on Redis (connect, command, a pooled connection) before answering 503.
+    redis_timeout: float = 5.0
     data_dir: Path = Path(".gateway")
     pixels: Mapping[str, str] = field(default_factory=dict)
     upstream_url: str = TIKTOK_URL
@@ -117,6 +119,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         listen_port=port,
         redis_url=get("REDIS_URL", _redis_url, None),
         redis_cluster=get("REDIS_CLUSTER", _bool, False),
+        redis_timeout=get("REDIS_TIMEOUT", _seconds, d.redis_timeout),
         data_dir=get("DATA_DIR", lambda _n, v: Path(v), d.data_dir),
         pixels=get("PIXELS", _pixels, {}),
         upstream_url=get("UPSTREAM_URL", _http_url, d.upstream_url),

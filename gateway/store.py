@@ -209,16 +209,23 @@ redis.call('PEXPIREAT', KEYS[5], expire_at)
 return id
 """
 
-# KEYS[1] shard due zset, KEYS[2] shard dead-letter stream, KEYS[3] key hash, KEYS[4] copies list
+# KEYS[1] shard due zset, KEYS[2] shard dead-letter stream, KEYS[3] key hash, KEYS[4] copies list,
+# KEYS[5] timeline list
 # ARGV[1] dead-letter entry id, ARGV[2] now ms, ARGV[3] member, ARGV[4] copy (JSON),
-# ARGV[5] first copy ms, ARGV[6] no dedup 1|0
+# ARGV[5] first copy ms, ARGV[6] no dedup 1|0, ARGV[7] timeline entry or ""
 # Queues a dead-lettered event again as a single copy due now; returns 1, or 0 when the
-# entry is gone (already replayed), so replaying twice sends once.
+# entry is gone (already replayed), so replaying twice sends once. The timeline stays with
+# the key: kept while it is pending, expiring with it after the forward.
 REPLAY = """
 if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[4])
 redis.call('RPUSH', KEYS[4], ARGV[4])
 redis.call('PERSIST', KEYS[3])
+redis.call('PERSIST', KEYS[5])
+if ARGV[7] ~= '' then
+  redis.call('RPUSH', KEYS[5], ARGV[7])
+  redis.call('LTRIM', KEYS[5], 0, $TIMELINE_MAX - 1)
+end
 redis.call('HSET', KEYS[3], 'st', 'retry', 't0', ARGV[5], 'due', ARGV[2], 'att', 0, 'nd', ARGV[6])
 redis.call('HSETNX', KEYS[3], 'src', 0)
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
@@ -244,6 +251,15 @@ class Claim:
     attempts: int
     dedup: bool
     copies: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What waits in Redis, for the gauges."""
+
+    pending: int  # events stored and not yet forwarded (open, claimed or waiting to retry)
+    dead_letters: int
+    lag: float  # seconds the oldest due event has waited to be claimed; 0 when none is overdue
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,7 +483,7 @@ class Store:
         """Queue dead letters for sending again; returns how many were queued."""
         calls = []
         for dl in letters:
-            hk, ck, due, _ = self.keys_of(dl.member)
+            hk, ck, due, tl = self.keys_of(dl.member)
             copy = orjson.dumps(
                 {
                     "source": "replay",
@@ -485,8 +501,11 @@ class Store:
                 copy,
                 int(dl.letter["first_seen"] * 1000),
                 0 if dl.letter.get("dedup", True) else 1,
+                orjson.dumps({"outcome": "replayed", "at": round(now, 3), "dead_letter": dl.id})
+                if self.timeline
+                else b"",
             )
-            calls.append(("replay", (due, self.dead_key(dl.shard), hk, ck), args))
+            calls.append(("replay", (due, self.dead_key(dl.shard), hk, ck, tl), args))
         return sum(int(r) for r in await self._run(calls))
 
     # -- reading -----------------------------------------------------------------
@@ -500,6 +519,23 @@ class Store:
                 pipe.xlen(self.dead_key(shard))
             replies = await pipe.execute()
         return sum(replies[0::2]), sum(replies[1::2])
+
+    async def backlog(self, now: float) -> Backlog:
+        """Pending events, dead letters and forward lag, over all shards; one round trip."""
+        async with self._guard():
+            pipe = self.client.pipeline(transaction=False)
+            for shard in range(self.shards):
+                due = f"{self.prefix(shard)}due"
+                pipe.zcard(due)
+                pipe.xlen(self.dead_key(shard))
+                # The lowest score is the next due time; a claimed event's score is its
+                # lease's end, so only events no forwarder holds can be overdue.
+                pipe.zrange(due, 0, 0, withscores=True)
+            replies = await pipe.execute()
+        firsts = [int(r[0][1]) for r in replies[2::3] if r]
+        oldest = min(firsts, default=None)
+        lag = 0.0 if oldest is None else max(0.0, now - oldest / 1000)
+        return Backlog(sum(replies[0::3]), sum(replies[1::3]), lag)
 
     async def inspect(
         self, pixel_code: str, event_id: str, event_name: str
@@ -560,9 +596,9 @@ class Store:
                 retried = await self._pipeline([calls[i] for i in missing])
                 for i, reply in zip(missing, retried, strict=True):
                     replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         return replies
 
     async def _pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
@@ -580,9 +616,20 @@ class Store:
         except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
             raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
         except redis_errors.ResponseError as exc:
-            if "LOADING" in str(exc) or "READONLY" in str(exc) or "CLUSTERDOWN" in str(exc):
+            if _cannot_write_now(exc):
                 raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
             raise
+
+
+def _cannot_write_now(exc: redis_errors.ResponseError) -> bool:
+    """Redis is up but cannot take writes (a replica, out of memory, a cluster in
+    reconfiguration): to a client that is the same as Redis being away."""
+    if isinstance(exc, redis_errors.ReadOnlyError):
+        return True
+    message = str(exc)
+    return message.startswith(("LOADING", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN")) or (
+        "OOM command not allowed" in message
+    )
 
 
 def connect(url: str, *, cluster: bool = False, timeout: float = 5.0) -> RedisClient:

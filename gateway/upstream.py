@@ -85,6 +85,57 @@ class UpstreamResult:
     bad_event_index: int | None
     duration: float
 
+    @property
+    def code_class(self) -> str:
+        """The answer's class among `CODE_CLASSES`: a bounded metric label."""
+        return code_class(self.http_status, self.code)
+
+
+# What a metric label says about an answer; a small, fixed set:
+#   "0", "20001"        success, partial success (TikTok's body code)
+#   "4xxxx_auth"        token or permission (40001, 40102, 40104, 40105): an operator must act
+#   "4xxxx_rate_limit"  TikTok's rate limits (40016, 40100, 40132, 40133)
+#   "4xxxx_transient"   other 4xxxx TikTok says to retry (40202, a write conflict)
+#   "4xxxx_invalid"     any other 4xxxx code: the body or an event was refused
+#   "5xxxx"             TikTok's internal errors (50000, 50002, 51xxx)
+#   "http_4xx", "http_5xx"  an HTTP error without a TikTok body (a proxy, a load balancer)
+#   "network"           no answer: connection refused or reset, timeout
+#   "other"             anything else (60001 maintenance, a 2xx without a TikTok code)
+CODE_CLASSES = (
+    "0",
+    "20001",
+    "4xxxx_auth",
+    "4xxxx_rate_limit",
+    "4xxxx_transient",
+    "4xxxx_invalid",
+    "5xxxx",
+    "http_4xx",
+    "http_5xx",
+    "network",
+    "other",
+)
+
+
+def code_class(http_status: int | None, code: int | None) -> str:
+    """Which of `CODE_CLASSES` an answer falls in.
+
+    TikTok's error code says more than the HTTP status; an HTTP error whose body has
+    no code, or a success code, is classed by its status (a proxy's page, a 429).
+    """
+    if http_status is not None and http_status >= 400 and code in (None, *SUCCESS_CODES):
+        return "http_5xx" if http_status >= 500 else "http_4xx"
+    if code is None:
+        return "network" if http_status is None else "other"
+    if code in SUCCESS_CODES:
+        return str(code)
+    if code in AUTH_CODES:
+        return "4xxxx_auth"
+    if code in RATE_LIMIT_CODES:
+        return "4xxxx_rate_limit"
+    if 40000 <= code <= 49999:
+        return "4xxxx_transient" if code in RETRY_CODES else "4xxxx_invalid"
+    return "5xxxx" if 50000 <= code <= 59999 else "other"
+
 
 def classify(http_status: int | None, code: int | None) -> Outcome:
     """The outcome of an answer: a server failure or throttle status first, then the body code."""
@@ -134,15 +185,19 @@ def retry_delay(
     base: float,
     cap: float,
     rand: Callable[[], float] = random.random,
+    rate_limits: int | None = None,
 ) -> float:
     """Seconds to wait before attempt `attempt + 1` after `result`.
 
     Never less than a Retry-After; at least five minutes for a rate limit that
-    persists (TikTok's per-minute quota rule) and for maintenance.
+    persists (TikTok's per-minute quota rule) and for maintenance. A rate limit
+    persists once `rate_limits` answers in a row (this one included) were rate
+    limits; without that count, once `attempt` reaches RATE_LIMIT_PERSISTS_AT.
     """
     delay = backoff(attempt, base=base, cap=cap, rand=rand)
     floor = 0.0
-    if result.code in RATE_LIMIT_CODES and attempt >= RATE_LIMIT_PERSISTS_AT:
+    in_a_row = attempt if rate_limits is None else rate_limits
+    if result.code in RATE_LIMIT_CODES and in_a_row >= RATE_LIMIT_PERSISTS_AT:
         floor = RATE_LIMIT_FLOOR
     elif result.code == MAINTENANCE_CODE:
         floor = MAINTENANCE_FLOOR

@@ -36,8 +36,10 @@ async def test_server_errors_are_retried_until_delivered(
     assert event["event_id"] == "retry-1"
     await wait_drained(gateway)
     assert len(tiktok.track_requests()) == 4
-    assert gateway.metric("gateway_forward_requests_total", {"outcome": "retry"}) == 3
-    assert gateway.metric("gateway_forward_requests_total", {"outcome": "delivered"}) == 1
+    requests = "gateway_forward_requests_total"
+    assert gateway.metric(requests, {"outcome": "retry", "code_class": "http_5xx"}) == 2
+    assert gateway.metric(requests, {"outcome": "retry", "code_class": "5xxxx"}) == 1
+    assert gateway.metric(requests, {"outcome": "delivered", "code_class": "0"}) == 1
     state = await gateway.store.inspect(PIXEL, "retry-1", "Purchase")
     assert state["state"] == "sent"
     assert [e["outcome"] for e in state["timeline"]].count("retry") == 3
@@ -53,7 +55,9 @@ async def test_rate_limit_answers_are_retried(
     gateway = await make_gateway(merge_window=0.1)
     await post_server(http, gateway.url, [server_event("rl-1")])
     await tiktok.wait_for_events(1)
-    assert gateway.metric("gateway_forward_requests_total", {"outcome": "retry"}) == 2
+    requests = "gateway_forward_requests_total"
+    assert gateway.metric(requests, {"outcome": "retry", "code_class": "4xxxx_rate_limit"}) == 1
+    assert gateway.metric(requests, {"outcome": "retry", "code_class": "http_4xx"}) == 1
 
 
 async def test_one_poison_event_is_isolated_and_its_batch_mates_delivered(
@@ -124,9 +128,9 @@ async def test_match_keys_and_merge_wait_are_counted(
     await post_server(http, gateway.url, [server_event("mk-1")])
     await tiktok.wait_for_events(1)
     await wait_drained(gateway)  # the stand-in answers before the gateway records the outcome
-    assert gateway.metric("gateway_match_keys_total", {"key": "email"}) == 1
-    assert gateway.metric("gateway_match_keys_total", {"key": "external_id"}) == 1
-    assert gateway.metric("gateway_match_keys_total", {"key": "ttp"}) == 0
+    assert gateway.metric("gateway_match_keys_total", {"pixel": PIXEL, "key": "email"}) == 1
+    assert gateway.metric("gateway_match_keys_total", {"pixel": PIXEL, "key": "external_id"}) == 1
+    assert gateway.metric("gateway_match_keys_total", {"pixel": PIXEL, "key": "ttp"}) == 0
     assert gateway.metric("gateway_merge_wait_seconds_count") == 1
 
 

@@ -165,9 +165,14 @@ async def test_metrics_expose_every_product_metric(
     # Known label values start at zero, so dashboards and rate() see them from the start.
     assert sample(families, "gateway_events_received_total", source="pixel", pixel=PIXEL) == 0
     for key in ("email", "phone", "external_id", "ttp", "ttclid", "ip", "user_agent"):
-        assert sample(families, "gateway_match_keys_total", key=key) == 0
-    for outcome in ("delivered", "retry", "rejected", "auth"):
-        assert sample(families, "gateway_forward_requests_total", outcome=outcome) == 0
+        assert sample(families, "gateway_match_keys_total", pixel=PIXEL, key=key) == 0
+    for outcome, code_class in (
+        ("delivered", "0"), ("retry", "network"), ("rejected", "4xxxx_invalid"),
+        ("auth", "4xxxx_auth"),
+    ):
+        assert sample(
+            families, "gateway_forward_requests_total", outcome=outcome, code_class=code_class
+        ) == 0
 
 
 async def test_metrics_move_with_traffic(
@@ -195,11 +200,13 @@ async def test_metrics_move_with_traffic(
     assert sample(families, "gateway_events_forwarded_total", pixel=PIXEL) == 1
     assert sample(families, "gateway_events_dead_lettered_total", reason="rejected") == 1
     assert sample(families, "gateway_events_rejected_total", reason="invalid_json") == 1
-    assert sample(families, "gateway_forward_requests_total", outcome="delivered") >= 1
-    assert sample(families, "gateway_forward_requests_total", outcome="rejected") >= 1
+    delivered = {"outcome": "delivered", "code_class": "0"}
+    assert sample(families, "gateway_forward_requests_total", **delivered) >= 1
+    rejected = {"outcome": "rejected", "code_class": "4xxxx_invalid"}
+    assert sample(families, "gateway_forward_requests_total", **rejected) >= 1
     assert set(forwarded["user"]) >= {"email", "phone", "external_id", "ttp", "ttclid", "ip"}
     for key in ("email", "phone", "external_id", "ttp", "ttclid", "ip", "user_agent"):
-        assert sample(families, "gateway_match_keys_total", key=key) == 1, key
+        assert sample(families, "gateway_match_keys_total", pixel=PIXEL, key=key) == 1, key
     assert sample(families, "gateway_ingest_duration_seconds_count", endpoint="browser") == 1
     assert sample(families, "gateway_ingest_duration_seconds_count", endpoint="event_track") == 3
     assert sample(families, "gateway_forward_duration_seconds_count") >= 2
