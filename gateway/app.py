@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.resources
 import logging
 import time
 import uuid
@@ -21,22 +23,24 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from . import ingest, passthrough
+from . import demo, ingest, passthrough, pixeljs
 from .embedded import EmbeddedRedis
 from .errors import (
     AuthError,
+    BodyTimeout,
     GatewayError,
     InvalidEvent,
     InvalidJSON,
     InvalidRequest,
     NotFound,
     OriginNotAllowed,
+    PayloadTooLarge,
     RateLimited,
     RequestError,
     StoreUnavailable,
 )
 from .forwarder import Forwarder
-from .ingest import CONTEXT, RATE_LIMITER, REQUEST_ID, IngestContext, RateLimiter, envelope
+from .ingest import CONTEXT, REQUEST_ID, IngestContext, envelope
 from .logs import request_context
 from .metrics import Metrics, make_metrics
 from .settings import Settings
@@ -47,7 +51,19 @@ log = logging.getLogger("gateway.app")
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+SWEEP_SECONDS = 300.0
 GAUGE_REFRESH_SECONDS = 5.0
+# Request line and header limits, for every connection (aiohttp's parser answers 400
+# beyond them, before any handler runs): a line or one header up to 8 KiB, as nginx's
+# default buffers; at most 64 header lines. A request's head is bounded to ~512 KiB.
+MAX_REQUEST_LINE_BYTES = 8190
+MAX_HEADER_FIELD_BYTES = 8190
+MAX_HEADERS = 64
+HTTP_LIMITS = {
+    "max_line_size": MAX_REQUEST_LINE_BYTES,
+    "max_field_size": MAX_HEADER_FIELD_BYTES,
+    "max_headers": MAX_HEADERS,
+}
 
 
 @dataclass(slots=True)
@@ -66,6 +82,21 @@ class Resources:
 RESOURCES: web.AppKey[Resources] = web.AppKey("resources", Resources)
 
 
+def make_store(client: RedisClient, settings: Settings) -> Store:
+    """The store as configured; every instance and admin command must agree on it."""
+    return Store(
+        client,
+        shards=settings.shards,
+        merge_window=settings.merge_window,
+        dedup_window=settings.dedup_window,
+        early_flush=settings.early_flush,
+        legacy_aliases=settings.legacy_aliases,
+        timeline=settings.timeline_retention > 0,
+        timeline_retention=settings.timeline_retention,
+        dedup_buckets=settings.dedup_buckets,
+    )
+
+
 def sandbox_log_path(settings: Settings) -> Path:
     return settings.data_dir / "sandbox-forwarded.jsonl"
 
@@ -82,12 +113,12 @@ def create_app(
         # CORS outermost, so error answers carry its headers too and the page can read them.
         middlewares=[ingest.cors_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
+        handler_args=HTTP_LIMITS,
     )
     metrics = make_metrics(registry or CollectorRegistry(), settings.pixels)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[RESOURCES] = Resources()
-    app[RATE_LIMITER] = RateLimiter(settings.pixel_rate_limit, settings.pixel_rate_burst)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_make_forwarder_ctx(clock, forward))
@@ -110,10 +141,14 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
         r.add_post(path, handler)
     r.add_post("/pixel/events", ingest.browser_events)
     r.add_route("OPTIONS", "/pixel/events", ingest.browser_preflight)
+    pixeljs.add_routes(app)  # GET /pixel.js
+    if settings.demo_enabled:  # /demo/: sandbox mode, or GATEWAY_DEMO=1
+        demo.add_routes(app, settings, sandbox_log_path(settings) if settings.sandbox else None)
     r.add_get("/metrics", metrics_handler)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/debug/events/{pixel}/{event_id}/{event}", ingest.debug_event)
+    r.add_get("/openapi.json", openapi_handler)
     r.add_route("*", "/open_api/{tail:.*}", passthrough_handler)
 
 
@@ -132,14 +167,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     res.redis = connect(
         res.redis_url, cluster=settings.redis_cluster, timeout=settings.redis_timeout
     )
-    res.store = Store(
-        res.redis,
-        shards=settings.shards,
-        merge_window=settings.merge_window,
-        dedup_window=settings.dedup_window,
-        early_flush=settings.early_flush,
-        legacy_aliases=settings.legacy_aliases,
-    )
+    res.store = make_store(res.redis, settings)
     try:
         await res.store.load_scripts()
     except StoreUnavailable as exc:
@@ -177,22 +205,24 @@ def _make_forwarder_ctx(
         senders = _senders(settings, res.session, res.sandbox_log)
         res.forwarder = Forwarder(res.store, senders, settings, metrics, clock=clock)
         app[CONTEXT] = IngestContext(settings, res.store, metrics, res.forwarder, clock)
-        tasks = [asyncio.create_task(_refresh_gauges(res.store, metrics, clock), name="gauges")]
-        if forward:
-            tasks.append(asyncio.create_task(res.forwarder.run(), name="forwarder"))
+        background = [
+            asyncio.create_task(_refresh_gauges(res.store, metrics, clock), name="gauges"),
+            asyncio.create_task(_sweep_remembered(res.store, clock), name="sweeper"),
+        ]
+        forwarding = [asyncio.create_task(res.forwarder.run(), name="forwarder")] if forward else []
         try:
             yield
         finally:
             res.forwarder.stop()
             # Let an in-flight batch finish and record its outcome; past the grace
             # period it is cancelled, and hands its claims back to the queue.
-            grace = settings.shutdown_timeout * 0.4
-            pending = set(tasks[1:])
-            if pending:
-                _done, pending = await asyncio.wait(pending, timeout=grace)
-            for task in [tasks[0], *pending]:
+            unfinished: set[asyncio.Task[None]] = set()
+            if forwarding:
+                grace = settings.shutdown_timeout * 0.4
+                _done, unfinished = await asyncio.wait(forwarding, timeout=grace)
+            for task in [*background, *unfinished]:
                 task.cancel()
-            for task in tasks:
+            for task in [*background, *forwarding]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
@@ -212,6 +242,23 @@ def _senders(
         return None if token is None else (client, token)
 
     return sender_for
+
+
+async def _sweep_remembered(store: Store, clock: Callable[[], float]) -> None:
+    """Remove forgotten fingerprints now and then; lookups already ignore them, this
+    frees their memory. Every instance sweeps: the work is small and idempotent."""
+    chunk = 256
+    while True:
+        await asyncio.sleep(SWEEP_SECONDS)
+        try:
+            for shard in range(store.shards):
+                for start in range(0, store.dedup_buckets, chunk):
+                    stop = min(start + chunk, store.dedup_buckets)
+                    await store.sweep(clock(), shard, range(start, stop))
+        except StoreUnavailable:
+            pass  # the gauges count Redis errors; the next round sweeps again
+        except Exception:
+            log.exception("sweeping remembered keys failed")
 
 
 async def _refresh_gauges(store: Store, metrics: Metrics, clock: Callable[[], float]) -> None:
@@ -264,6 +311,8 @@ async def _answer(
         response = envelope(request, exc.code, exc.message, status=status)
         if isinstance(exc, RateLimited):
             response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        if isinstance(exc, BodyTimeout):
+            response.force_close()  # the rest of the body may still be trickling in
         return response
     except StoreUnavailable as exc:
         request.app[METRICS].redis_errors.inc()
@@ -300,7 +349,9 @@ def _count_rejection(request: web.Request, exc: RequestError) -> None:
         return  # counted per event where the events were parsed
     reason = {
         AuthError: "auth",
+        BodyTimeout: "body_timeout",
         OriginNotAllowed: "origin",
+        PayloadTooLarge: "too_large",
         RateLimited: "rate_limited",
         InvalidRequest: "invalid_request",
         InvalidJSON: "invalid_json",
@@ -314,6 +365,17 @@ def _count_rejection(request: web.Request, exc: RequestError) -> None:
 async def metrics_handler(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """The OpenAPI document shipped with the package (gateway/static/openapi.json)."""
+    return (importlib.resources.files("gateway") / "static" / "openapi.json").read_bytes()
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    """GET /openapi.json — the API contract: every path, its bodies, answers and errors."""
+    return web.Response(body=openapi_document(), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 
 from . import __version__, server
-from .app import sandbox_log_path
+from .app import make_store, sandbox_log_path
 from .embedded import EmbeddedRedis
 from .errors import ConfigError, GatewayError
 from .logs import setup_logging
@@ -104,6 +104,8 @@ def serve(settings: Settings) -> int:
     log.info("%s", mode)
     if not settings.sandbox and not settings.allowed_origins:
         log.warning("GATEWAY_ALLOWED_ORIGINS is empty: browsers cannot post to /pixel/events")
+    if settings.demo_enabled:
+        log.info("demo shop: http://%s/demo/ (click, then watch one merged event)", settings.listen)
     asyncio.run(server.serve(settings))
     return 0
 
@@ -161,14 +163,7 @@ async def _store(settings: Settings) -> AsyncIterator[Store]:
         url = await embedded.start()
     client = connect(url, cluster=settings.redis_cluster, timeout=settings.redis_timeout)
     try:
-        yield Store(
-            client,
-            shards=settings.shards,
-            merge_window=settings.merge_window,
-            dedup_window=settings.dedup_window,
-            early_flush=settings.early_flush,
-            legacy_aliases=settings.legacy_aliases,
-        )
+        yield make_store(client, settings)
     finally:
         await client.aclose()
         if embedded is not None:

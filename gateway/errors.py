@@ -8,6 +8,7 @@
     │   │   └── InvalidJSON    the body is not JSON: empty, not UTF-8, unparseable, too deep
     │   ├── AuthError          missing or wrong Access-Token, unknown pixel
     │   ├── PayloadTooLarge    body over the size limit
+    │   ├── BodyTimeout        body not received in time (a slow-loris trickle)
     │   ├── OriginNotAllowed   browser request from an origin not configured
     │   ├── NotFound           no such endpoint, or debug is off
     │   └── RateLimited        a client sent too much
@@ -79,6 +80,14 @@ class PayloadTooLarge(RequestError):
     code = 40002
     http_status = 413
     tiktok_status = 413
+
+
+class BodyTimeout(RequestError):
+    """The body did not arrive within the body timeout; the connection is closed."""
+
+    code = 40002
+    http_status = 408
+    tiktok_status = 408
 
 
 class OriginNotAllowed(RequestError):

@@ -8,10 +8,13 @@ origins are accepted. "Accepted" (code 0) means stored in Redis.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,14 +26,16 @@ from aiohttp import web
 from . import formats
 from .errors import (
     AuthError,
+    BodyTimeout,
     InvalidEvent,
     InvalidJSON,
     InvalidRequest,
     NotFound,
     OriginNotAllowed,
+    PayloadTooLarge,
     RateLimited,
 )
-from .events import Event
+from .events import Event, ttclid_from_url
 from .forwarder import Forwarder
 from .metrics import WARNING_KINDS, Metrics
 from .settings import Settings
@@ -97,7 +102,7 @@ async def _server_ingest(request: web.Request, parse: Parser, endpoint: str) -> 
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
     now = ctx.clock()
-    doc = _decode(await request.read())
+    doc = _decode(await read_body(request, ctx.settings))
     token = request.headers.get("Access-Token")
     claimed = doc.get("event_source_id", doc.get("pixel_code")) if isinstance(doc, dict) else None
     if isinstance(claimed, str):
@@ -136,24 +141,114 @@ async def browser_events(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
     now = ctx.clock()
-    check_origin(ctx.settings, request.headers.get("Origin"))
-    client_ip = client_address(request, ctx.settings)
-    limiter = request.app[RATE_LIMITER]
-    if not limiter.allow(client_ip or "unknown", time.monotonic()):
-        raise RateLimited("Too many requests from this client", retry_after=1.0)
+    settings = ctx.settings
+    check_origin(settings, request.headers.get("Origin"), own_origin(request))
+    client_ip = client_address(request, settings)
+    # Before the body is read: a flood is turned away for one Redis round trip.
+    wait = await ctx.store.rate_limit(
+        rate_key(client_ip), now, settings.pixel_rate_limit, settings.pixel_rate_burst
+    )
+    if wait > 0:
+        raise RateLimited(
+            f"Too many requests from this client: at most {settings.pixel_rate_limit:g} a "
+            f"second (bursts of {settings.pixel_rate_burst}); retry in {wait:.1f} s",
+            retry_after=wait,
+        )
     browser = formats.BrowserContext(
         ip=client_ip,
         user_agent=request.headers.get("User-Agent"),
         ttp=request.cookies.get("_ttp"),
-        ttclid_cookie=request.cookies.get("ttclid"),
+        ttclid_cookie=_cookie_ttclid(request),
     )
-    doc = _decode(await request.read())
+    doc = _decode(await _read_beacon(request, settings))
+    options = _options(ctx, now)
+    options = dataclasses.replace(
+        options, max_events=min(options.max_events, settings.pixel_max_events)
+    )
     parsed = _only_configured_pixels(
-        ctx, formats.parse_browser(doc, _options(ctx, now), browser), isinstance(doc, list)
+        ctx, formats.parse_browser(doc, options, browser), isinstance(doc, list)
     )
     response = await _store_and_answer(request, ctx, parsed, now)
+    remember_click(request, settings, parsed.events, response)
     ctx.metrics.ingest_duration.labels("browser").observe(time.perf_counter() - started)
     return response
+
+
+async def _read_beacon(request: web.Request, settings: Settings) -> bytes:
+    """The body, within the browser endpoint's own (smaller) size limit."""
+    limit = min(settings.max_body_bytes, settings.pixel_max_body_bytes)
+    if (request.content_length or 0) > limit:
+        raise PayloadTooLarge(f"body: larger than {limit} bytes")
+    raw = await read_body(request, settings)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"body: larger than {limit} bytes")
+    return raw
+
+
+def rate_key(address: str | None) -> str:
+    """Whom the rate limit counts: an IPv4 address, or an IPv6 /64 (one subscriber's
+    network: a client holding a /64 must not get 2**64 separate budgets)."""
+    if not address:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # a proxy's odd hop: counted as itself, made safe for a key
+        return "".join(c if c.isalnum() or c in ".:_-" else "_" for c in address[:64])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+# -- the ttclid cookie -------------------------------------------------------------
+
+TTCLID_COOKIE = "ttclid"
+TTCLID_COOKIE_MAX_AGE = 30 * 24 * 3600  # as TikTok's own server-side tag sets it
+_MAX_TTCLID = 1000
+
+
+def remember_click(
+    request: web.Request, settings: Settings, events: Sequence[Event], response: web.Response
+) -> None:
+    """Keep a page URL's ttclid in a first-party cookie, so a purchase days later carries it."""
+    for event in events:
+        page = event.body.get("page")
+        url = page.get("url") if isinstance(page, dict) else None
+        ttclid = ttclid_from_url(url) if isinstance(url, str) else None
+        if ttclid and len(ttclid) <= _MAX_TTCLID:
+            secure = settings.cookie_secure
+            response.set_cookie(
+                TTCLID_COOKIE,
+                # Percent-encoded: a cookie value cannot hold every character a URL can.
+                urllib.parse.quote(ttclid, safe="-._~+"),
+                max_age=TTCLID_COOKIE_MAX_AGE,
+                path="/",
+                domain=settings.cookie_domain,
+                secure=_https(request, settings) if secure is None else secure,
+                samesite=settings.cookie_samesite,
+            )
+            return
+
+
+def _cookie_ttclid(request: web.Request) -> str | None:
+    raw = request.cookies.get(TTCLID_COOKIE)
+    return urllib.parse.unquote(raw) if raw else None
+
+
+def _https(request: web.Request, settings: Settings) -> bool:
+    """Whether the browser reached us over HTTPS: directly, or as a trusted proxy says."""
+    if request.secure:
+        return True
+    peer = request.remote
+    try:
+        trusted = peer is not None and any(
+            ipaddress.ip_address(peer) in net for net in settings.trusted_proxies
+        )
+    except ValueError:
+        return False
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return trusted and proto == "https"
 
 
 async def browser_preflight(request: web.Request) -> web.Response:
@@ -163,6 +258,11 @@ async def browser_preflight(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def own_origin(request: web.Request) -> str:
+    """This gateway's origin as the browser sees it: pages it serves itself (the demo)."""
+    return f"{request.scheme}://{request.host}"
+
+
 def origin_allowed(settings: Settings, origin: str) -> bool:
     allowed = settings.allowed_origins
     if not allowed:
@@ -170,10 +270,13 @@ def origin_allowed(settings: Settings, origin: str) -> bool:
     return "*" in allowed or origin.rstrip("/") in allowed
 
 
-def check_origin(settings: Settings, origin: str | None) -> None:
+def check_origin(settings: Settings, origin: str | None, own: str | None = None) -> None:
     # Requests without Origin are not from a browser page (curl, a server): CORS
-    # cannot protect anything there, and the pixel allow-list still applies.
-    if origin is not None and not origin_allowed(settings, origin):
+    # cannot protect anything there, and the pixel allow-list still applies. A
+    # same-origin request comes from a page this gateway served (the demo).
+    if origin is None or (own is not None and origin.rstrip("/") == own):
+        return
+    if not origin_allowed(settings, origin):
         raise OriginNotAllowed(f"Origin {origin} is not allowed (GATEWAY_ALLOWED_ORIGINS)")
 
 
@@ -238,29 +341,22 @@ def _only_configured_pixels(
     return formats.ParsedBody(None, events, refused, parsed.warnings)
 
 
-class RateLimiter:
-    """Token bucket per client key, kept in memory and bounded in size."""
-
-    def __init__(self, rate: float, burst: int, max_clients: int = 100_000) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.max_clients = max_clients
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def allow(self, key: str, now: float) -> bool:
-        tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if len(self._buckets) >= self.max_clients:
-            self._buckets.pop(next(iter(self._buckets)))  # forget the least recently seen
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
-        return allowed
-
-
-RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter", RateLimiter)
-
-
 # -- shared by both sources ----------------------------------------------------
+
+
+async def read_body(request: web.Request, settings: Settings) -> bytes:
+    """The whole body, within `body_timeout` in total: a slow-loris trickle is cut off.
+
+    aiohttp has no deadline for a body of its own; without one a client sending a
+    byte a second holds a connection (and the memory read so far) for as long as it likes.
+    """
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise BodyTimeout(
+            f"body: not received within {settings.body_timeout:g} seconds"
+        ) from None
 
 
 def _decode(raw: bytes) -> Any:
@@ -290,7 +386,7 @@ async def _store_and_answer(
         if first is None:
             raise InvalidRequest("", "no events in the request")
         raise InvalidEvent(first.field, first.message)
-    timeline = [_timeline(e, now) for e in parsed.events]
+    timeline = [_timeline(e, now) for e in parsed.events] if ctx.store.timeline else None
     results = await ctx.store.ingest(parsed.events, now, timeline)
     _count_results(ctx, parsed.events, results)
     if not parsed.refused:

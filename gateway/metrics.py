@@ -38,6 +38,7 @@ REJECT_REASONS = (
     "auth",
     "origin",
     "too_large",
+    "body_timeout",
     "rate_limited",
     "store_unavailable",
 )

@@ -8,6 +8,7 @@ Nothing else in the gateway reads the environment: `cli.py` calls
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,8 +52,20 @@ class Settings:
     # Operational knobs beyond PRODUCT.md's table; the defaults suit production.
     max_body_bytes: int = 2 * 1024 * 1024
     max_events_per_request: int = 1000
+    # Longest a client may take to send a request body: a slow-loris trickle is cut off.
+    body_timeout: float = 15.0
     pixel_rate_limit: float = 20.0
     pixel_rate_burst: int = 100
+    # /pixel/events takes beacons, which browsers cap at 64 KiB: far less than a server body.
+    pixel_max_body_bytes: int = 64 * 1024
+    pixel_max_events: int = 100
+    # The first-party ttclid cookie set when a page URL carries a click id. Secure None:
+    # auto, when the request came over HTTPS (directly or per a trusted proxy).
+    cookie_domain: str | None = None
+    cookie_secure: bool | None = None
+    cookie_samesite: str = "Lax"
+    # The demo shop at /demo/; None: on in sandbox mode only.
+    demo: bool | None = None
     forward_batch_size: int = 1000
     forward_poll_interval: float = 0.2
     forward_concurrency: int = 8
@@ -63,6 +76,8 @@ class Settings:
     retry_base: float = 1.0
     retry_cap: float = 300.0
     shards: int = 16
+    dedup_buckets: int = 1024
+    timeline_retention: float = 3600.0
     log_level: str = "INFO"
     log_format: str = "auto"
 
@@ -70,6 +85,11 @@ class Settings:
     def sandbox(self) -> bool:
         """No pixels configured: accept any pixel and write forwards to a local log."""
         return not self.pixels
+
+    @property
+    def demo_enabled(self) -> bool:
+        """Serve the demo shop: in sandbox mode, unless GATEWAY_DEMO says otherwise."""
+        return self.sandbox if self.demo is None else self.demo
 
     @property
     def listen(self) -> str:
@@ -136,8 +156,15 @@ def _parse(env: Mapping[str, str]) -> Settings:
         passthrough=get("PASSTHROUGH", _bool, d.passthrough),
         max_body_bytes=get("MAX_BODY_BYTES", _positive_int, d.max_body_bytes),
         max_events_per_request=get("MAX_EVENTS_PER_REQUEST", _positive_int, 1000),
+        body_timeout=get("BODY_TIMEOUT", _seconds, d.body_timeout),
         pixel_rate_limit=get("PIXEL_RATE_LIMIT", _seconds, d.pixel_rate_limit),
         pixel_rate_burst=get("PIXEL_RATE_BURST", _positive_int, d.pixel_rate_burst),
+        pixel_max_body_bytes=get("PIXEL_MAX_BODY_BYTES", _positive_int, d.pixel_max_body_bytes),
+        pixel_max_events=get("PIXEL_MAX_EVENTS", _positive_int, d.pixel_max_events),
+        cookie_domain=get("COOKIE_DOMAIN", _cookie_domain, None),
+        cookie_secure=get("COOKIE_SECURE", _auto_bool, None),
+        cookie_samesite=get("COOKIE_SAMESITE", _samesite, d.cookie_samesite),
+        demo=get("DEMO", _auto_bool, None),
         forward_batch_size=get("FORWARD_BATCH_SIZE", _batch_size, d.forward_batch_size),
         forward_poll_interval=get("FORWARD_POLL_INTERVAL", _seconds, d.forward_poll_interval),
         forward_concurrency=get("FORWARD_CONCURRENCY", _positive_int, d.forward_concurrency),
@@ -148,12 +175,30 @@ def _parse(env: Mapping[str, str]) -> Settings:
         retry_base=get("RETRY_BASE", _seconds, d.retry_base),
         retry_cap=get("RETRY_CAP", _seconds, d.retry_cap),
         shards=get("SHARDS", _positive_int, d.shards),
+        dedup_buckets=get("DEDUP_BUCKETS", _positive_int, d.dedup_buckets),
+        timeline_retention=get("TIMELINE_RETENTION", _non_negative, d.timeline_retention),
         log_level=get("LOG_LEVEL", _choice(LOG_LEVELS), d.log_level),
         log_format=get("LOG_FORMAT", _choice(LOG_FORMATS), d.log_format),
     )
     if settings.dedup_window < settings.merge_window:
         raise ConfigError("GATEWAY_DEDUP_WINDOW", "must not be shorter than GATEWAY_MERGE_WINDOW")
+    _check_browser_settings(settings)
     return settings
+
+
+def _check_browser_settings(settings: Settings) -> None:
+    if settings.cookie_samesite == "None" and settings.cookie_secure is False:
+        raise ConfigError(
+            "GATEWAY_COOKIE_SAMESITE",
+            "None needs GATEWAY_COOKIE_SECURE=1 or auto: browsers drop such cookies otherwise",
+        )
+    if settings.demo and not settings.sandbox and settings.test_event_code is None:
+        # The demo posts server events for a real pixel: only to TikTok's Test Events tab.
+        raise ConfigError(
+            "GATEWAY_DEMO",
+            "with GATEWAY_PIXELS set, the demo needs GATEWAY_TEST_EVENT_CODE, so its "
+            "events only reach TikTok's Test Events",
+        )
 
 
 def _host_port(name: str, raw: str) -> tuple[str, int]:
@@ -200,6 +245,16 @@ def _seconds(name: str, raw: str) -> float:
     return value
 
 
+def _non_negative(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
+    if not 0 <= value < float("inf"):
+        raise ConfigError(name, f"must be 0 or more, got {raw!r}")
+    return value
+
+
 def _positive_int(name: str, raw: str) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError(name, f"expected a positive whole number, got {raw!r}")
@@ -243,6 +298,28 @@ def _networks(
         return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in raw.split(","))
     except ValueError as exc:
         raise ConfigError(name, str(exc)) from None
+
+
+def _auto_bool(name: str, raw: str) -> bool | None:
+    """1 or 0, or `auto` (None): the gateway decides."""
+    return None if raw.lower() == "auto" else _bool(name, raw)
+
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"\.?{_LABEL}(\.{_LABEL})*")
+
+
+def _cookie_domain(name: str, raw: str) -> str:
+    if not _DOMAIN.fullmatch(raw):
+        raise ConfigError(name, f"expected a domain such as .shop.example.com, got {raw!r}")
+    return raw.lower()
+
+
+def _samesite(name: str, raw: str) -> str:
+    for value in ("Lax", "Strict", "None"):
+        if raw.lower() == value.lower():
+            return value
+    raise ConfigError(name, f"expected Lax, Strict or None, got {raw!r}")
 
 
 def _region(name: str, raw: str) -> str:

@@ -11,21 +11,45 @@ Keys of shard N (the only place key shapes are written):
     tkgw:{N}:due          ZSET  member -> due time (ms). The forwarder's queue; a claim
                                 moves the score to the lease's end, so an unacknowledged
                                 claim simply becomes due again (no separate lease list).
-    tkgw:{N}:k:<member>   HASH  the key's state (see INGEST). No TTL while pending;
-                                after the forward it expires at first copy + dedup window,
-                                which is how later copies are dropped for 48 hours.
+    tkgw:{N}:k:<member>   HASH  a pending key's state (see INGEST); no TTL. Deleted when
+                                the event leaves: from then on only its fingerprint remains.
     tkgw:{N}:c:<member>   LIST  the copies received (JSON), merged by the forwarder;
                                 deleted when the event leaves.
-    tkgw:{N}:t:<member>   LIST  the key's timeline for /debug; expires with the hash.
+    tkgw:{N}:r:<B>        HASH  remembered keys: 8-byte fingerprint -> Unix second at which
+                                the key is forgotten (first copy + dedup window), negated
+                                for a dead-lettered key. B is a bucket of the fingerprint.
+                                Redis stores small hashes packed (ziplist/listpack), so a
+                                remembered key costs about 20 bytes instead of a key of its
+                                own (~190 bytes). Entries past their second are removed by
+                                SWEEP; a lookup ignores them meanwhile.
+    tkgw:{N}:t:<member>   LIST  the key's timeline for /debug; kept while pending, then
+                                for the timeline retention (at most the dedup window).
     tkgw:{N}:dead         STREAM dead letters: the merged event, TikTok's code and message.
 
-States of a key: open (merging) -> claimed (being sent) -> sent, or retry
-(a send failed; waits for its next attempt) or dead (dead-lettered). Only an
-open key takes new copies; a copy arriving in any other state is a duplicate.
+States of a pending key: open (merging) -> claimed (being sent) -> gone and
+remembered, or retry (a send failed; waits for its next attempt). Only an
+open key takes new copies; a copy of a key in any other state, or of a
+remembered key, is a duplicate.
+
+Fingerprints are 64 bits of BLAKE2b of the member, in a bucket chosen by 16
+further bits: two keys collide, and the later is wrongly dropped, with
+probability about (remembered keys in its bucket) / 2**64, i.e. below 1e-17
+per event even at hundreds of events per bucket.
+Outside the shards, the browser endpoint's rate limit (see RATE_LIMIT):
+
+    tkgw:rl:{<client>}    STRING one client address's (an IPv6 /64's) theoretical arrival
+                                time in ms (GCRA). Shared, so the limit holds across gateway
+                                instances; the client is the hash tag, so clients spread over a
+                                cluster's slots. Expires when its burst is whole again: an idle
+                                client costs nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import hashlib
+import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -46,6 +70,7 @@ IngestStatus = Literal["new", "merged", "complete", "duplicate"]
 ScriptCall = tuple[str, Sequence[str], Sequence[Any]]  # (script name, KEYS, ARGV)
 SOURCE_BITS: dict[Source, int] = {"pixel": 1, "server": 2}
 BOTH_SOURCES = 3
+SHARED_PIPELINE_MAX = 2000  # script calls in one shared pipeline; the rest go in the next
 TIMELINE_MAX = 100  # entries kept per key; a flood of duplicates must not grow it without bound
 
 
@@ -56,36 +81,44 @@ def _lua(source: str) -> str:
     )
 
 
-# KEYS[1] key hash, KEYS[2] copies list, KEYS[3] shard due zset, KEYS[4] timeline list
+# KEYS[1] key hash, KEYS[2] copies list, KEYS[3] shard due zset, KEYS[4] timeline list,
+# KEYS[5] the remembered-keys bucket of the fingerprint (absent for events without event_id)
 # ARGV[1] member, ARGV[2] now ms, ARGV[3] source bit, ARGV[4] copy (JSON),
 # ARGV[5] merge window ms, ARGV[6] early flush 1|0, ARGV[7] timeline entry (JSON object) or "",
-# ARGV[8] no dedup 1|0 (events without event_id: due at once, forgotten after the forward)
+# ARGV[8] no dedup 1|0 (events without event_id: due at once, forgotten after the forward),
+# ARGV[9] fingerprint, ARGV[10] dedup window ms
 # Returns {status, first copy ms}; status is new | merged | complete | duplicate.
 # Retried after a timeout, a copy may be stored twice; merging it again changes nothing.
 INGEST = """
-local function log(outcome)
+local function log(outcome, push)
   if ARGV[7] ~= '' then
     local rest = string.sub(ARGV[7], 2)
     if not string.find(rest, '^%s*}') then rest = ',' .. rest end  -- no comma before '}' of {}
-    redis.call('RPUSH', KEYS[4], '{"outcome":"' .. outcome .. '"' .. rest)
+    redis.call(push, KEYS[4], '{"outcome":"' .. outcome .. '"' .. rest)
     redis.call('LTRIM', KEYS[4], 0, $TIMELINE_MAX - 1)
   end
 end
 local now = tonumber(ARGV[2])
 local state = redis.call('HMGET', KEYS[1], 'st', 'src', 't0')
 if not state[1] then
+  local until_s = KEYS[5] and tonumber(redis.call('HGET', KEYS[5], ARGV[9]))
+  if until_s and math.abs(until_s) * 1000 > now then
+    -- RPUSHX: a timeline already expired must not come back without a TTL.
+    log('duplicate', 'RPUSHX')
+    return {'duplicate', tostring(math.abs(until_s) * 1000 - tonumber(ARGV[10]))}
+  end
   local due = now
   if ARGV[8] ~= '1' then due = now + tonumber(ARGV[5]) end
   redis.call('HSET', KEYS[1], 'st', 'open', 'src', ARGV[3], 't0', now, 'due', due,
              'n', 1, 'att', 0, 'nd', ARGV[8], 'dup', 0)
   redis.call('RPUSH', KEYS[2], ARGV[4])
   redis.call('ZADD', KEYS[3], due, ARGV[1])
-  log('new')
+  log('new', 'RPUSH')
   return {'new', tostring(now)}
 end
 if state[1] ~= 'open' then
   redis.call('HINCRBY', KEYS[1], 'dup', 1)
-  log('duplicate')
+  log('duplicate', 'RPUSH')
   return {'duplicate', state[3]}
 end
 local src = bit.bor(tonumber(state[2]), tonumber(ARGV[3]))
@@ -95,10 +128,10 @@ redis.call('RPUSH', KEYS[2], ARGV[4])
 if src == $BOTH_SOURCES and ARGV[6] == '1' then
   redis.call('HSET', KEYS[1], 'due', now)
   redis.call('ZADD', KEYS[3], 'LT', now, ARGV[1])
-  log('complete')
+  log('complete', 'RPUSH')
   return {'complete', state[3]}
 end
-log('merged')
+log('merged', 'RPUSH')
 return {'merged', state[3]}
 """
 
@@ -113,7 +146,7 @@ local out = {}
 for _, member in ipairs(due) do
   local hk = ARGV[5] .. 'k:' .. member
   local f = redis.call('HMGET', hk, 'st', 't0', 'src', 'nd')
-  if not f[1] or f[1] == 'sent' or f[1] == 'dead' then
+  if not f[1] then
     redis.call('ZREM', KEYS[1], member)
   else
     local attempts = redis.call('HINCRBY', hk, 'att', 1)
@@ -129,36 +162,53 @@ end
 return out
 """
 
+# Lua shared by ACK and DEAD_LETTER: forget a pending key's state and remember its
+# fingerprint until first copy + dedup window; keep its timeline for the retention.
+# remember(prefix, member, t0 ms, nodedup, fingerprint, bucket, sign, now ms, dedup ms,
+#          timeline retention ms, timeline entry)
+REMEMBER = """
+local function remember(prefix, member, t0, nd, fp, bucket, sign, now, dedup, keep, entry)
+  local attempts = redis.call('HGET', prefix .. 'k:' .. member, 'att') or '0'
+  local tl = prefix .. 't:' .. member
+  redis.call('DEL', prefix .. 'k:' .. member, prefix .. 'c:' .. member)
+  local expire_at = t0 + dedup
+  if nd == '1' or expire_at <= now then
+    redis.call('DEL', tl)
+    return
+  end
+  redis.call('HSET', prefix .. 'r:' .. bucket, fp, sign * math.ceil(expire_at / 1000))
+  if keep <= 0 then
+    redis.call('DEL', tl)
+    return
+  end
+  if entry ~= '' then
+    -- The attempts are known only here, before the key's state goes.
+    local rest = string.sub(entry, 2)
+    if not string.find(rest, '^%s*}') then rest = ',' .. rest end
+    redis.call('RPUSH', tl, '{"attempts":' .. attempts .. rest)
+    redis.call('LTRIM', tl, 0, $TIMELINE_MAX - 1)
+  end
+  redis.call('PEXPIREAT', tl, math.min(expire_at, now + keep))
+end
+"""
+
 # KEYS[1] shard due zset
 # ARGV[1] now ms, ARGV[2] dedup window ms, ARGV[3] claim token, ARGV[4] shard key prefix,
-# ARGV[5] timeline entry or "", ARGV[6] TikTok request id, ARGV[7..] members
-# Marks each member still claimed by this token as sent; returns how many it marked.
-# Safe to repeat: a member already sent is left alone.
-ACK = """
+# ARGV[5] timeline entry or "", ARGV[6] timeline retention ms,
+# ARGV[7..] (member, fingerprint, bucket) triples
+# Forwarded: each member still claimed by this token is forgotten and remembered;
+# returns how many. Safe to repeat: a member no longer claimed is left alone.
+ACK = REMEMBER + """
 local now = tonumber(ARGV[1])
 local marked = 0
-for i = 7, #ARGV do
+for i = 7, #ARGV, 3 do
   local member = ARGV[i]
-  local hk = ARGV[4] .. 'k:' .. member
-  local tl = ARGV[4] .. 't:' .. member
-  local f = redis.call('HMGET', hk, 'st', 'tok', 't0', 'nd')
+  local f = redis.call('HMGET', ARGV[4] .. 'k:' .. member, 'st', 'tok', 't0', 'nd')
   if f[1] == 'claimed' and f[2] == ARGV[3] then
     marked = marked + 1
     redis.call('ZREM', KEYS[1], member)
-    redis.call('DEL', ARGV[4] .. 'c:' .. member)
-    local expire_at = tonumber(f[3]) + tonumber(ARGV[2])
-    if f[4] == '1' or expire_at <= now then
-      redis.call('DEL', hk, tl)
-    else
-      redis.call('HSET', hk, 'st', 'sent', 'fw', now, 'rid', ARGV[6])
-      redis.call('HDEL', hk, 'tok', 'due')
-      redis.call('PEXPIREAT', hk, expire_at)
-      if ARGV[5] ~= '' then
-        redis.call('RPUSH', tl, ARGV[5])
-        redis.call('LTRIM', tl, 0, $TIMELINE_MAX - 1)
-      end
-      redis.call('PEXPIREAT', tl, expire_at)
-    end
+    remember(ARGV[4], member, tonumber(f[3]), f[4], ARGV[i + 1], ARGV[i + 2], 1, now,
+             tonumber(ARGV[2]), tonumber(ARGV[6]), ARGV[5])
   end
 end
 return marked
@@ -188,24 +238,20 @@ end
 return released
 """
 
-# KEYS[1] shard due zset, KEYS[2] shard dead-letter stream, KEYS[3] key hash,
-# KEYS[4] copies list, KEYS[5] timeline list
+# KEYS[1] shard due zset, KEYS[2] shard dead-letter stream, KEYS[3] key hash
 # ARGV[1] now ms, ARGV[2] claim token, ARGV[3] dedup window ms, ARGV[4] member,
-# ARGV[5] dead letter (JSON), ARGV[6] timeline entry or ""
+# ARGV[5] dead letter (JSON), ARGV[6] timeline entry or "", ARGV[7] shard key prefix,
+# ARGV[8] fingerprint, ARGV[9] bucket, ARGV[10] timeline retention ms
 # Moves a member still claimed by this token to the dead-letter stream; returns the
-# entry id, or false when the claim was lost. Later copies stay dropped.
-DEAD_LETTER = """
-local f = redis.call('HMGET', KEYS[3], 'st', 'tok', 't0')
+# entry id, or false when the claim was lost. Later copies stay dropped until it is
+# replayed or forgotten.
+DEAD_LETTER = REMEMBER + """
+local f = redis.call('HMGET', KEYS[3], 'st', 'tok', 't0', 'nd')
 if f[1] ~= 'claimed' or f[2] ~= ARGV[2] then return false end
 local id = redis.call('XADD', KEYS[2], '*', 'member', ARGV[4], 'letter', ARGV[5])
 redis.call('ZREM', KEYS[1], ARGV[4])
-redis.call('DEL', KEYS[4])
-redis.call('HSET', KEYS[3], 'st', 'dead')
-redis.call('HDEL', KEYS[3], 'tok', 'due')
-local expire_at = math.max(tonumber(f[3]) + tonumber(ARGV[3]), tonumber(ARGV[1]) + 1000)
-redis.call('PEXPIREAT', KEYS[3], expire_at)
-if ARGV[6] ~= '' then redis.call('RPUSH', KEYS[5], ARGV[6]) end
-redis.call('PEXPIREAT', KEYS[5], expire_at)
+remember(ARGV[7], ARGV[4], tonumber(f[3]), f[4], ARGV[8], ARGV[9], -1, tonumber(ARGV[1]),
+         tonumber(ARGV[3]), tonumber(ARGV[10]), ARGV[6])
 return id
 """
 
@@ -230,6 +276,41 @@ redis.call('HSET', KEYS[3], 'st', 'retry', 't0', ARGV[5], 'due', ARGV[2], 'att',
 redis.call('HSETNX', KEYS[3], 'src', 0)
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 return 1
+"""
+
+
+# KEYS[1] a remembered-keys bucket
+# ARGV[1] now (Unix seconds)
+# Removes the fingerprints whose keys are forgotten by now; returns how many.
+SWEEP = """
+local entries = redis.call('HGETALL', KEYS[1])
+local now = tonumber(ARGV[1])
+local removed = 0
+for i = 1, #entries, 2 do
+  if math.abs(tonumber(entries[i + 1])) <= now then
+    redis.call('HDEL', KEYS[1], entries[i])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+
+# KEYS[1] the client's rate key
+# ARGV[1] now ms, ARGV[2] ms between requests at the sustained rate, ARGV[3] burst
+# Returns 0 when the request may go ahead (it is counted), else the ms to wait (nothing is
+# counted). GCRA: a request is allowed while the theoretical arrival time is at most
+# (burst - 1) intervals ahead of now; each allowed one moves it an interval on. Run twice
+# (a retried timeout), it counts the request twice: stricter, never looser.
+RATE_LIMIT = """
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
+local wait = tat - now - (tonumber(ARGV[3]) - 1) * interval
+if wait > 0 then return math.ceil(wait) end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now))
+return 0
 """
 
 
@@ -283,6 +364,8 @@ class Store:
         early_flush: bool = True,
         legacy_aliases: bool = True,
         timeline: bool = True,
+        timeline_retention: float | None = None,
+        dedup_buckets: int = 1024,
     ) -> None:
         self.client = client
         self.shards = shards
@@ -291,6 +374,14 @@ class Store:
         self.early_flush = early_flush
         self.legacy_aliases = legacy_aliases
         self.timeline = timeline
+        # How long a forwarded key's timeline is kept; never longer than the key.
+        retention = dedup_window if timeline_retention is None else timeline_retention
+        self.timeline_retention_ms = int(min(retention, dedup_window) * 1000) if timeline else 0
+        self.dedup_buckets = dedup_buckets
+        self._queue: collections.deque[
+            tuple[Sequence[ScriptCall], asyncio.Future[list[Any]]]
+        ] = collections.deque()
+        self._flusher: asyncio.Task[None] | None = None
         # Script objects give the SHA1 and source; calls go through `_run`.
         self._scripts = {
             name: aioredis.Redis.register_script(client, _lua(lua))  # type: ignore[arg-type]
@@ -301,6 +392,8 @@ class Store:
                 ("release", RELEASE),
                 ("dead_letter", DEAD_LETTER),
                 ("replay", REPLAY),
+                ("sweep", SWEEP),
+                ("rate_limit", RATE_LIMIT),
             )
         }
 
@@ -330,12 +423,22 @@ class Store:
     def dead_key(self, shard: int) -> str:
         return f"{self.prefix(shard)}dead"
 
+    def fingerprint(self, member: str) -> tuple[bytes, int]:
+        """The 8 bytes remembered for a key, and the bucket they go in."""
+        digest = hashlib.blake2b(member.encode(), digest_size=10).digest()
+        return digest[2:], int.from_bytes(digest[:2], "big") % self.dedup_buckets
+
+    def remembered_key(self, shard: int, bucket: int) -> str:
+        """The hash a forwarded key's fingerprint is remembered in."""
+        return f"{self.prefix(shard)}r:{bucket}"
+
     # -- state changes -------------------------------------------------------
 
     async def ingest(
         self, events: Sequence[Event], now: float, timeline: Sequence[bytes] | None = None
     ) -> list[IngestResult]:
-        """Store copies atomically, each merged, opened or dropped; one round trip."""
+        """Store copies atomically, each merged, opened or dropped; one round trip,
+        shared with the requests ingesting at the same time."""
         now_ms = int(now * 1000)
         calls = []
         for i, event in enumerate(events):
@@ -351,6 +454,11 @@ class Store:
                 }
             )
             entry = timeline[i] if timeline is not None and self.timeline else b""
+            fp, bucket = self.fingerprint(member)
+            # Events without event_id have a key of their own: nothing to look up.
+            remembered = (
+                [self.remembered_key(self.shard_of(member), bucket)] if event.event_id else []
+            )
             args = (
                 member,
                 now_ms,
@@ -360,9 +468,11 @@ class Store:
                 1 if self.early_flush else 0,
                 entry,
                 0 if event.event_id else 1,
+                fp,
+                self.dedup_window_ms,
             )
-            calls.append(("ingest", self.keys_of(member), args))
-        replies = await self._run(calls)
+            calls.append(("ingest", (*self.keys_of(member), *remembered), args))
+        replies = await self._shared(calls)
         return [
             IngestResult(status=_text(r[0]), first_seen=int(r[1]) / 1000)  # type: ignore[arg-type]
             for r in replies
@@ -400,9 +510,15 @@ class Store:
         return claims
 
     async def ack(
-        self, claims: Sequence[Claim], now: float, request_id: str, timeline: bytes = b""
+        self, claims: Sequence[Claim], now: float, request_id: str = "", timeline: bytes = b""
     ) -> int:
-        """Mark sent; returns how many were still ours to mark."""
+        """Forwarded: forget the claims' state, remember their keys; returns how many
+        were still ours. The timeline entry defaults to the time and TikTok's request id."""
+        entry = orjson.loads(timeline or b'{"outcome": "forwarded"}')
+        entry.setdefault("at", round(now, 3))
+        if request_id:
+            entry.setdefault("request_id", request_id)
+        timeline = orjson.dumps(entry)
         calls = [
             (
                 "ack",
@@ -413,8 +529,8 @@ class Store:
                     token,
                     self.prefix(shard),
                     timeline if self.timeline else b"",
-                    request_id,
-                    *members,
+                    self.timeline_retention_ms,
+                    *(x for member in members for x in (member, *self.fingerprint(member))),
                 ),
             )
             for (shard, token), members in _group(claims).items()
@@ -445,7 +561,8 @@ class Store:
         self, claim: Claim, letter: dict[str, Any], now: float, timeline: bytes = b""
     ) -> str | None:
         """Move a claimed event to the dead-letter stream; None when the claim was lost."""
-        hk, ck, due, tl = self.keys_of(claim.member)
+        hk, _ck, due, _tl = self.keys_of(claim.member)
+        fp, bucket = self.fingerprint(claim.member)
         args = (
             int(now * 1000),
             claim.token,
@@ -453,10 +570,12 @@ class Store:
             claim.member,
             orjson.dumps(letter),
             timeline if self.timeline else b"",
+            self.prefix(claim.shard),
+            fp,
+            bucket,
+            self.timeline_retention_ms,
         )
-        [reply] = await self._run(
-            [("dead_letter", (due, self.dead_key(claim.shard), hk, ck, tl), args)]
-        )
+        [reply] = await self._run([("dead_letter", (due, self.dead_key(claim.shard), hk), args)])
         return None if reply is None else _text(reply)
 
     async def dead_letters(self, count: int = 1000) -> list[DeadLetter]:
@@ -543,32 +662,44 @@ class Store:
         """A key's state and timeline, for /debug and `inspect`; None when unknown."""
         member = self.member_of(pixel_code, event_id, event_name)
         hk, ck, _due, tl = self.keys_of(member)
+        fp, bucket = self.fingerprint(member)
+        now_ms = int(time.time() * 1000)
         async with self._guard():
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(hk)
-            pipe.pttl(hk)
             pipe.llen(ck)
             pipe.lrange(tl, 0, -1)
-            state, ttl_ms, copies, timeline = await pipe.execute()
-        if not state:
+            remembered = self.remembered_key(self.shard_of(member), bucket)
+            pipe.hget(remembered, fp)  # type: ignore[arg-type]  # binary field names are fine
+            state, copies, entries, until_s = await pipe.execute()
+        timeline = [orjson.loads(e) for e in entries]
+        names = {"pixel_code": pixel_code, "event_id": event_id, "event": event_name}
+        if state:
+            return {"key": names, **_pending_state(state, copies), "timeline": timeline}
+        until = None if until_s is None else int(until_s)
+        if until is None or abs(until) * 1000 <= now_ms:
             return None
-        fields = {_text(k): _text(v) for k, v in state.items()}
-        src = int(fields.get("src", "0"))
         return {
-            "key": {"pixel_code": pixel_code, "event_id": event_id, "event": event_name},
-            "state": fields.get("st"),
-            "sources": [s for s in SOURCES if src & SOURCE_BITS[s]],
-            "first_seen": int(fields["t0"]) / 1000 if "t0" in fields else None,
-            "due": int(fields["due"]) / 1000 if "due" in fields else None,
-            "forwarded_at": int(fields["fw"]) / 1000 if "fw" in fields else None,
-            "tiktok_request_id": fields.get("rid"),
-            "copies_received": int(fields.get("n", "0")),
-            "copies_pending": copies,
-            "attempts": int(fields.get("att", "0")),
-            "duplicates_dropped": int(fields.get("dup", "0")),
-            "forgotten_in": ttl_ms / 1000 if ttl_ms > 0 else None,
-            "timeline": [orjson.loads(e) for e in timeline],
+            "key": names,
+            **_remembered_state(timeline, abs(until) - self.dedup_window_ms / 1000),
+            "state": "sent" if until > 0 else "dead",
+            "forgotten_in": abs(until) - now_ms / 1000,
+            "timeline": timeline,
         }
+
+    async def sweep(self, now: float, shard: int, buckets: range) -> int:
+        """Remove forgotten fingerprints from some buckets of a shard; returns how many."""
+        calls = [
+            ("sweep", (self.remembered_key(shard, bucket),), (int(now),)) for bucket in buckets
+        ]
+        return sum(int(r) for r in await self._run(calls))
+
+    async def rate_limit(self, client: str, now: float, rate: float, burst: int) -> float:
+        """Count a request of `client` against `rate` a second with bursts of `burst`, shared
+        by every instance; 0.0 when it may go ahead, else the seconds to wait. One round trip."""
+        args = (int(now * 1000), 1000.0 / rate, burst)
+        [wait_ms] = await self._shared([("rate_limit", (f"tkgw:rl:{{{client}}}",), args)])
+        return int(wait_ms) / 1000
 
     async def ping(self) -> None:
         async with self._guard():
@@ -581,6 +712,41 @@ class Store:
                 await self.client.script_load(script.script)
 
     # -- plumbing ----------------------------------------------------------------
+
+    async def _shared(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run calls in the next pipeline, together with everyone else's.
+
+        While a pipeline is in flight, calls queue; the flusher then sends all of
+        them as one. Under load many requests share a round trip, and a quiet
+        gateway still sends at once. The flusher is a task of its own, so a caller
+        that gives up (a client hung up) cannot cut a pipeline in half.
+        """
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((calls, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="store-flush")
+        return await future
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch: list[tuple[Sequence[ScriptCall], asyncio.Future[list[Any]]]] = []
+            size = 0
+            while self._queue and size < SHARED_PIPELINE_MAX:
+                calls, future = self._queue.popleft()
+                batch.append((calls, future))
+                size += len(calls)
+            try:
+                replies = await self._run([c for calls, _ in batch for c in calls])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for calls, future in batch:
+                if not future.done():
+                    future.set_result(replies[start : start + len(calls)])
+                start += len(calls)
 
     async def _run(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Run script calls in one pipeline; reload scripts Redis lost and rerun only those."""
@@ -649,6 +815,53 @@ def connect(url: str, *, cluster: bool = False, timeout: float = 5.0) -> RedisCl
     # from_pool, not Redis(connection_pool=...): a client given a pool leaves it open on
     # aclose(), leaking every connection; from_pool makes aclose() close the pool too.
     return aioredis.Redis.from_pool(pool)
+
+
+def _pending_state(state: dict[bytes, bytes], copies: int) -> dict[str, Any]:
+    fields = {_text(k): _text(v) for k, v in state.items()}
+    src = int(fields.get("src", "0"))
+    return {
+        "state": fields.get("st"),
+        "sources": [s for s in SOURCES if src & SOURCE_BITS[s]],
+        "first_seen": int(fields["t0"]) / 1000 if "t0" in fields else None,
+        "due": int(fields["due"]) / 1000 if "due" in fields else None,
+        "forwarded_at": None,
+        "tiktok_request_id": None,
+        "copies_received": int(fields.get("n", "0")),
+        "copies_pending": copies,
+        "attempts": int(fields.get("att", "0")),
+        "duplicates_dropped": int(fields.get("dup", "0")),
+        "forgotten_in": None,
+    }
+
+
+COPY_OUTCOMES = ("new", "merged", "complete")
+ATTEMPT_OUTCOMES = ("forwarded", "retry", "dead_lettered")
+
+
+def _remembered_state(timeline: list[dict[str, Any]], first_seen: float) -> dict[str, Any]:
+    """What is known of a key after it left: its fingerprint, and its timeline if kept."""
+    copies = [e for e in timeline if e.get("outcome") in COPY_OUTCOMES]
+    forwards = [e for e in timeline if e.get("outcome") == "forwarded"]
+    return {
+        "sources": [s for s in SOURCES if any(e.get("source") == s for e in copies)],
+        "first_seen": copies[0].get("at", first_seen) if copies else first_seen,
+        "due": None,
+        "forwarded_at": forwards[-1].get("at") if forwards else None,
+        "tiktok_request_id": forwards[-1].get("request_id") if forwards else None,
+        "copies_received": len(copies),
+        "copies_pending": 0,
+        "attempts": _attempts(timeline),
+        "duplicates_dropped": sum(e.get("outcome") == "duplicate" for e in timeline),
+    }
+
+
+def _attempts(timeline: list[dict[str, Any]]) -> int:
+    """Sends made: as the key's last outcome recorded them, else as the timeline shows."""
+    final = [e for e in timeline if e.get("outcome") in ("forwarded", "dead_lettered")]
+    if final and "attempts" in final[-1]:
+        return int(final[-1]["attempts"])
+    return sum(e.get("outcome") in ATTEMPT_OUTCOMES for e in timeline)
 
 
 def _group(claims: Sequence[Claim]) -> dict[tuple[int, str], list[str]]:

@@ -266,13 +266,19 @@ async def test_copy_after_ack_is_duplicate_until_expiry(
     assert await redis_client.pttl(hk) == -1  # no TTL while pending
     assert await store.ack([claim], t0 + 1, "req-1") == 1
 
-    assert await redis_client.exists(ck) == 0
+    # Only the fingerprint remains, with the second at which the key is forgotten.
+    assert await redis_client.exists(hk, ck) == 0
     assert await redis_client.zscore(due, claim.member) is None
     expected_ms = (t0 + DEDUP) * 1000 - time.time() * 1000
-    assert abs(await redis_client.pttl(hk) - expected_ms) < 5000
+    [remembered] = await redis_client.keys(f"{store.prefix(claim.shard)}r:*")
+    fp, _bucket = store.fingerprint(claim.member)
+    assert await redis_client.hgetall(remembered) == {fp: str(int(t0 + DEDUP)).encode()}
     assert abs(await redis_client.pttl(tl) - expected_ms) < 5000
 
-    results = await store.ingest([event(source="pixel"), event(source="server")], t0 + 50)
+    # After the forward, dropped copies are counted in the timeline.
+    results = await store.ingest(
+        [event(source="pixel"), event(source="server")], t0 + 50, [b"{}", b"{}"]
+    )
     assert [r.status for r in results] == ["duplicate", "duplicate"]
     assert all(r.first_seen == t0 for r in results)
     assert await store.claim(t0 + 1000, 100, LEASE) == []
@@ -309,11 +315,12 @@ async def test_key_is_new_again_once_expired(
 ) -> None:
     claim = await claim_pair(store, t0)
     await store.ack([claim], t0 + 1, "req")
-    hk, *_ = store.keys_of(claim.member)
-    # What Redis does at first_seen + dedup window; a time in the past deletes at once.
-    await redis_client.pexpireat(hk, 1)
-    assert not await redis_client.exists(hk)
-    assert [r.status for r in await store.ingest([event()], t0 + 2)] == ["new"]
+    [remembered] = await redis_client.keys(f"{store.prefix(claim.shard)}r:*")
+    assert [r.status for r in await store.ingest([event()], t0 + DEDUP - 1)] == ["duplicate"]
+    # A lookup ignores a fingerprint past its second; the sweep then removes it.
+    assert [r.status for r in await store.ingest([event()], t0 + DEDUP)] == ["new"]
+    assert await store.sweep(t0 + DEDUP, claim.shard, range(store.dedup_buckets)) == 1
+    assert not await redis_client.exists(remembered)
 
 
 # -- events without event_id ---------------------------------------------------------------
@@ -442,7 +449,7 @@ async def test_dead_letter_and_replay(store: Store, t0: float) -> None:
     assert info["state"] == "dead"
     assert info["copies_pending"] == 0
     assert info["forgotten_in"] is not None
-    assert info["timeline"][-1] == {"outcome": "dead_lettered"}
+    assert info["timeline"][-1] == {"attempts": 1, "outcome": "dead_lettered"}
 
     assert await statuses(store, [event(source="pixel")], t0 + 2) == ["duplicate"]
     assert await store.claim(t0 + 1000, 100, LEASE) == []
