@@ -35,6 +35,11 @@ async def wait_drained(gateway: Gateway) -> None:
     raise AssertionError("events still pending")
 
 
+async def event_keys(redis_client: aioredis.Redis) -> list[bytes]:
+    """The gateway's keys but the rate limit's counters (which count refused requests too)."""
+    return [k for k in await redis_client.keys("tkgw:*") if not k.startswith(b"tkgw:rl:")]
+
+
 async def send(
     http: aiohttp.ClientSession,
     gateway: Gateway,
@@ -177,7 +182,7 @@ async def test_a_lone_event_for_an_unconfigured_pixel_stores_nothing(
     assert resp.status == 400
     assert answer["code"] != 0
     assert answer["message"] == "pixel_code: unknown pixel code"
-    assert await redis_client.keys("tkgw:*") == []
+    assert await event_keys(redis_client) == []
 
 
 # -- CORS ---------------------------------------------------------------------------------
@@ -224,7 +229,7 @@ async def test_post_from_another_origin_is_refused_and_nothing_stored(
     assert answer["code"] != 0
     assert "https://evil.example.net" in answer["message"]
     assert "Access-Control-Allow-Origin" not in resp.headers
-    assert await redis_client.keys("tkgw:*") == []
+    assert await event_keys(redis_client) == []
     assert shop_gateway.metric("gateway_events_rejected_total", {"reason": "origin"}) == 1
 
 
@@ -335,3 +340,111 @@ async def test_the_rate_limit_is_per_client(
     assert resp.status == 429
     resp, _ = await send(http, gateway, browser_event("per-3"), headers=two)
     assert resp.status == 200
+
+
+# -- the ttclid cookie --------------------------------------------------------------------
+
+
+def set_cookies(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    return {name: morsel for name, morsel in resp.cookies.items()}
+
+
+async def test_a_page_url_with_ttclid_sets_a_first_party_cookie_for_30_days(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(shutdown_timeout=1.0)
+    resp, answer = await send(http, gateway, browser_event("click-1"))  # ?ttclid=E.C.P.click-1
+    assert (resp.status, answer["code"]) == (200, 0), answer
+    cookie = set_cookies(resp)["ttclid"]
+    assert cookie.value == "E.C.P.click-1"
+    assert cookie["max-age"] == str(30 * 24 * 3600)
+    assert cookie["path"] == "/"
+    assert cookie["samesite"] == "Lax"
+    assert not cookie["domain"]  # host-only unless GATEWAY_COOKIE_DOMAIN says otherwise
+    assert not cookie["secure"]  # auto: this request came over plain HTTP
+    assert not cookie["httponly"]  # pixel.js on a sibling subdomain may read it
+
+    resp, _ = await send(http, gateway, browser_event("click-2", page={"url": SHOP + "/cart"}))
+    assert "ttclid" not in set_cookies(resp)  # no click id in this URL: the cookie stays
+
+
+async def test_the_cookie_attributes_are_configurable(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(
+        cookie_domain=".shop.example.com", cookie_secure=True, cookie_samesite="None",
+        shutdown_timeout=1.0,
+    )
+    event = browser_event("click-3", page={"url": f"{SHOP}/?ttclid=E.C.P.a%2Fb%3Dc"})
+    resp, _ = await send(http, gateway, event)
+    cookie = set_cookies(resp)["ttclid"]
+    assert cookie["domain"] == ".shop.example.com"
+    assert cookie["secure"]
+    assert cookie["samesite"] == "None"
+    # Characters a cookie cannot hold as they are travel percent-encoded.
+    assert cookie.value == "E.C.P.a%2Fb%3Dc"
+
+
+async def test_https_behind_a_trusted_proxy_makes_the_cookie_secure(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(trusted_proxies=TRUST_LOOPBACK, shutdown_timeout=1.0)
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.5"}
+    resp, _ = await send(http, gateway, browser_event("click-4"), headers=headers)
+    assert set_cookies(resp)["ttclid"]["secure"]
+    untrusted = await make_gateway(shutdown_timeout=1.0)
+    resp, _ = await send(http, untrusted, browser_event("click-5"), headers=headers)
+    assert not set_cookies(resp)["ttclid"]["secure"]
+
+
+async def test_a_later_purchase_carries_the_click_from_the_cookie(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(merge_window=WINDOW, shutdown_timeout=1.0)
+    landing = browser_event("land-1", page={"url": f"{SHOP}/?ttclid=E.C.P.a%2Fb%3Dc"})
+    resp, _ = await send(http, gateway, landing)
+    ttclid_cookie = set_cookies(resp)["ttclid"].value
+    later = browser_event("buy-1", page={"url": f"{SHOP}/thanks"})
+    cookies = {"Cookie": f"_ttp={TTP}; ttclid={ttclid_cookie}"}
+    resp, _ = await send(http, gateway, later, headers=cookies)
+    forwarded = {e["event_id"]: e for e in await tiktok.wait_for_events(2)}
+    assert forwarded["buy-1"]["user"]["ttclid"] == "E.C.P.a/b=c"  # decoded again
+
+
+# -- origins, sizes and counts ----------------------------------------------------------
+
+
+async def test_a_page_of_the_gateway_itself_may_post_without_being_listed(
+    shop_gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    # The demo shop is served by the gateway: same origin, no CORS involved.
+    resp, answer = await send(
+        http, shop_gateway, browser_event("own-1"), headers={"Origin": shop_gateway.url}
+    )
+    assert (resp.status, answer["code"]) == (200, 0), answer
+    assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_a_beacon_is_limited_to_its_own_smaller_size(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    gateway = await make_gateway(pixel_max_body_bytes=2000, shutdown_timeout=1.0)
+    event = browser_event("big-1", properties={"description": "x" * 3000})
+    resp, answer = await send(http, gateway, event)
+    assert resp.status == 413
+    assert answer["message"] == "body: larger than 2000 bytes"
+    assert gateway.metric("gateway_events_rejected_total", {"reason": "too_large"}) == 1
+    assert await event_keys(redis_client) == []
+    # The server paths keep GATEWAY_MAX_BODY_BYTES.
+    assert gateway.settings.max_body_bytes > 3000
+
+
+async def test_a_beacon_carries_at_most_pixel_max_events(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    gateway = await make_gateway(pixel_max_events=2, shutdown_timeout=1.0)
+    events = [browser_event(f"many-{i}") for i in range(3)]
+    resp, answer = await send(http, gateway, events)
+    assert resp.status == 400
+    assert answer["message"].startswith("events: has 3 events; at most 2")
+    assert await event_keys(redis_client) == []
