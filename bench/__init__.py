@@ -1,0 +1,14 @@
+"""The benchmark rig: the gateway against B0, a plain forwarder, on loopback.
+
+Every part is its own process, started and stopped by `bench.run`:
+
+    redis-server      append-only, appendfsync everysec (the gateway's store)
+    bench.standin     TikTok's Events API: a ledger per (pixel, event, event_id)
+    bench.probe       `tiktok-gateway serve`, counting its Redis round trips
+    bench.baseline    B0: validate, answer, batch to the stand-in from memory
+    bench.load        the clients: closed loop (saturation) or constant arrival rate
+    bench.memory      Redis bytes per remembered key, next to one SET per key
+
+`bench.report` turns `bench/results/<date>.json` into docs/benchmarks.md and
+its plot. `make bench` runs it all; `python -m bench.run --smoke` takes seconds.
+"""

@@ -1,0 +1,75 @@
+"""The benchmark rig (bench/, `make bench`) runs end to end on tiny loads.
+
+A smoke run's figures mean nothing on a shared machine, so nothing here is
+timed. What must hold: every process starts and stops, the stand-in's ledger
+finds every event the clients got code 0 for delivered exactly once by the
+gateway (and at least once by B0), and the results carry every figure the
+report needs, which it renders.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from bench import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _numbers(tree: Any) -> list[float]:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _numbers(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _numbers(v)]
+    return [float(tree)] if isinstance(tree, int | float) and not isinstance(tree, bool) else []
+
+
+@pytest.mark.timeout(240)
+def test_smoke_run_delivers_exactly_once_and_reports_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=220, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = orjson.loads(out.read_bytes())
+    fig = results["figures"]
+
+    assert fig["exactly_once"]["all_phases"], fig["exactly_once"]
+    assert fig["exactly_once"]["acked_keys"] > 0
+    for name, phase in results["phases"].items():
+        delivery = phase["delivery"]
+        assert delivery["acked_keys"] > 0, name
+        assert delivery["missing"] == 0, (name, delivery)
+        if phase["target"] == "gateway":
+            assert delivery["repeated"] == 0, (name, delivery)
+
+    for workload in ("pixel", "server"):
+        throughput = fig["throughput"][workload]
+        assert throughput["gateway_events_per_s"] > 0
+        assert throughput["b0_events_per_s"] > 0
+        assert throughput["ratio_to_b0"] > 0
+        assert set(fig["latency"][workload]["added_ms"]) == {"p50", "p99", "p99.9"}
+        # Background-corrected counts of a fraction of a second: present, not necessarily > 0.
+        ingest, forward = fig["redis"][workload]["ingest"], fig["redis"][workload]["forward"]
+        assert ingest["round_trips_per_request"] > 0
+        for figure in ("round_trips_per_event", "script_calls_per_event",
+                       "script_usec_per_event", "redis_cpu_usec_per_event"):
+            assert ingest[figure] >= 0 and forward[figure] >= 0, figure
+    assert fig["mixed"]["slip_ms"]["count"] > 0
+    assert fig["memory"]["store_bytes_per_key"] > 0
+    assert fig["memory"]["naive_bytes_per_key"] > 0
+    assert fig["memory"]["false_drops"] == 0
+    assert all(v > 0 for v in fig["gateway_cpu_s_per_1000_events"].values())
+    assert not any(math.isnan(x) for x in _numbers(fig))
+
+    page = report.render(results, out)
+    assert "## Targets" in page
+    assert "not measured" not in page
