@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from . import __version__, server
+from . import __version__, server, workers
 from .app import make_store, sandbox_log_path
 from .embedded import EmbeddedRedis
 from .errors import ConfigError, GatewayError
@@ -47,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "serve"
     try:
         if command == "serve":
-            return serve(settings)
+            if getattr(args, "worker", None) is not None:
+                return serve_worker(settings, args.worker)
+            return serve(settings, getattr(args, "workers", 1), args.config)
         return asyncio.run(_admin(command, args, settings))
     except ConfigError as exc:
         print(f"tiktok-gateway: configuration error: {exc}", file=sys.stderr)
@@ -68,7 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML file setting GATEWAY_* names; the environment wins over it",
     )
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="run the gateway (the default)")
+    serve_cmd = sub.add_parser("serve", help="run the gateway (the default)")
+    serve_cmd.add_argument(
+        "--workers", type=_workers, default=1, metavar="N",
+        help="run N processes sharing the port, one Redis and one /metrics (default 1)",
+    )
+    # One of the processes `serve --workers N` starts, given the parent's pid: not for people.
+    serve_cmd.add_argument("--worker", type=int, metavar="PARENT_PID", help=argparse.SUPPRESS)
     sub.add_parser("check-config", help="validate configuration and Redis reach, then exit")
     health = sub.add_parser(
         "healthcheck", help="exit 0 when the running gateway's /readyz answers 200 (for Docker)"
@@ -90,8 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(settings: Settings) -> int:
-    """Run the gateway until SIGINT or SIGTERM."""
+def _workers(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {raw!r}")
+    return int(raw)
+
+
+def serve(settings: Settings, worker_count: int = 1, config: Path | None = None) -> int:
+    """Run the gateway until SIGINT or SIGTERM: in this process, or in `worker_count`."""
     mode = (
         f"SANDBOX mode: no GATEWAY_PIXELS, any pixel accepted, forwards written to "
         f"{sandbox_log_path(settings)}"
@@ -106,7 +120,18 @@ def serve(settings: Settings) -> int:
         log.warning("GATEWAY_ALLOWED_ORIGINS is empty: browsers cannot post to /pixel/events")
     if settings.demo_enabled:
         log.info("demo shop: http://%s/demo/ (click, then watch one merged event)", settings.listen)
+    if worker_count > 1:
+        return asyncio.run(workers.run(settings, worker_count, os.environ, config))
     asyncio.run(server.serve(settings))
+    return 0
+
+
+def serve_worker(settings: Settings, parent: int) -> int:
+    """One worker of `serve --workers N`; the parent set the variables it needs."""
+    multiprocess_dir = os.environ.get(workers.MULTIPROC_ENV)
+    if not multiprocess_dir:
+        raise ConfigError(workers.MULTIPROC_ENV, "unset: `serve --worker` is started by --workers")
+    asyncio.run(server.serve(settings, worker_of=(parent, Path(multiprocess_dir))))
     return 0
 
 

@@ -5,6 +5,10 @@ the forwarder finish (or hand back) its batches, close Redis. A second
 signal, or the drain taking longer than `shutdown_timeout`, forces the exit;
 the embedded Redis is still asked to stop, so its append-only file is synced.
 Batches abandoned by a forced exit come back when their lease runs out.
+
+A worker of `serve --workers N` (see `workers.py`) is the same, except that it
+shares its port with the other workers (SO_REUSEPORT) and stops, as if
+signalled, when the parent that started it is gone.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import errno
 import logging
 import os
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
@@ -23,17 +28,25 @@ from .settings import Settings
 
 log = logging.getLogger("gateway.server")
 FORCED_EXIT_CODE = 3
+# How often a worker checks that its parent is still there.
+PARENT_POLL_SECONDS = 1.0
 
 
-async def serve(settings: Settings) -> None:
-    """Run the gateway until a signal; returns after a clean drain."""
-    app = create_app(settings)
+async def serve(settings: Settings, *, worker_of: tuple[int, Path] | None = None) -> None:
+    """Run the gateway until a signal; returns after a clean drain.
+
+    `worker_of` (the parent's pid, the Prometheus multi-process directory) makes
+    this process one worker of `serve --workers N`.
+    """
+    parent, multiprocess_dir = worker_of if worker_of is not None else (None, None)
+    worker = worker_of is not None
+    app = create_app(settings, multiprocess_dir=multiprocess_dir)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout / 2)
     await runner.setup()
     try:
-        await _listen(runner, settings)
+        await _listen(runner, settings, reuse_port=worker)
         log.info("listening on http://%s", settings.listen)
-        await _until_signalled(app)
+        await _until_signalled(app, parent)
         log.info("shutting down: draining requests and in-flight batches")
         await asyncio.wait_for(runner.cleanup(), settings.shutdown_timeout)
     except TimeoutError:
@@ -44,9 +57,12 @@ async def serve(settings: Settings) -> None:
     log.info("stopped cleanly")
 
 
-async def _listen(runner: web.AppRunner, settings: Settings) -> None:
+async def _listen(runner: web.AppRunner, settings: Settings, *, reuse_port: bool) -> None:
+    site = web.TCPSite(
+        runner, settings.listen_host, settings.listen_port, reuse_port=reuse_port or None
+    )
     try:
-        await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
+        await site.start()
     except OSError as exc:
         if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
             raise
@@ -55,7 +71,8 @@ async def _listen(runner: web.AppRunner, settings: Settings) -> None:
         ) from None
 
 
-async def _until_signalled(app: web.Application) -> None:
+async def _until_signalled(app: web.Application, parent: int | None = None) -> None:
+    """Until SIGTERM or SIGINT; or, given the `parent` pid, until that parent is gone."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -67,7 +84,26 @@ async def _until_signalled(app: web.Application) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await stop.wait()
+    if parent is None:
+        await stop.wait()
+        return
+    waits = [
+        asyncio.create_task(stop.wait(), name="signalled"),
+        asyncio.create_task(_parent_gone(parent), name="parent-watch"),
+    ]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
+
+
+async def _parent_gone(parent: int) -> None:
+    """Returns once the parent exited (we were re-parented): a worker must not outlive it."""
+    # The parent may be gone before we got here: compare with its pid, not our first getppid().
+    while True:  # no event tells us: poll
+        if os.getppid() != parent:
+            break
+        await asyncio.sleep(PARENT_POLL_SECONDS)
+    log.warning("the parent process (pid %d) is gone; stopping", parent)
 
 
 def _force_exit(app: web.Application, why: str) -> None:

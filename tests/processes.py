@@ -107,8 +107,11 @@ class Launcher:
         self.started: list[GatewayProcess] = []
         self._numbers = itertools.count(1)  # taken before any await: starts may run concurrently
 
-    async def start(self, **variables: str) -> GatewayProcess:
-        """One more gateway on a free port; returns when it is ready, fails if it exits."""
+    async def start(self, *options: str, **variables: str) -> GatewayProcess:
+        """One more gateway on a free port; returns when it is ready, fails if it exits.
+
+        `options` follow `serve` on the command line, e.g. "--workers", "2".
+        """
         port = free_port()
         env = environment(
             GATEWAY_LISTEN=f"127.0.0.1:{port}",
@@ -119,7 +122,7 @@ class Launcher:
         log_path = self.log_dir / f"{self.log_prefix}-{next(self._numbers)}.log"
         with log_path.open("wb") as log:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway", "serve",
+                sys.executable, "-m", "gateway", "serve", *options,
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 env=env, cwd=self.data_dir,
             )  # fmt: skip
