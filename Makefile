@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,23 +19,44 @@ run: $(STAMP)
 	$(BIN)/tiktok-gateway serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests deploy
+	$(BIN)/ruff check gateway tests deploy bench
 	$(BIN)/hadolint Dockerfile
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # What the tests need that pip cannot install: Debian's prometheus and promtool, for
-# tests/test_prometheus.py. Installed when missing where we are root with apt-get;
-# elsewhere a note (the test then skips, and fails under CI=true).
+# tests/test_prometheus.py, and Debian's chromium, for tests/test_browser_chromium.py
+# (driven by Playwright's Python package; no browser is ever downloaded). Installed when
+# missing where we are root with apt-get; elsewhere a note (the tests then skip, and
+# fail under CI=true).
 .PHONY: tools
 tools:
 	@bash scripts/ensure-prometheus.sh
+	@bash scripts/ensure-chromium.sh
 
 pytest: $(STAMP) tools
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# A deep schemathesis run against a live gateway (tests/test_fuzz.py; `make test` runs a
+# bounded one). FUZZ_MAX_EXAMPLES per operation and phase; FUZZ_SEED=<seed> replays a run.
+.PHONY: fuzz
+fuzz: $(STAMP)
+	FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-500} $(BIN)/pytest -q tests/test_fuzz.py
+
+# The benchmark against B0 (bench/, docs/benchmarks.md): under 10 minutes, not part of
+# `make test`. Writes bench/results/<date>.json and regenerates docs/benchmarks.md.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench.run --smoke
 
 clean:
 	rm -rf $(VENV) .gateway .mypy_cache .pytest_cache .ruff_cache

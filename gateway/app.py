@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib.resources
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from . import demo, ingest, passthrough, pixeljs
 from .embedded import EmbeddedRedis
@@ -42,7 +43,7 @@ from .errors import (
 from .forwarder import Forwarder
 from .ingest import CONTEXT, REQUEST_ID, IngestContext, envelope
 from .logs import request_context
-from .metrics import Metrics, make_metrics
+from .metrics import Metrics, exposition, make_metrics
 from .settings import Settings
 from .store import RedisClient, Store, connect
 from .upstream import EventSender, SandboxSink, TikTokClient
@@ -51,6 +52,9 @@ log = logging.getLogger("gateway.app")
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+# What GET /metrics answers: this process's metrics, or all workers' (`serve --workers N`).
+SCRAPE: web.AppKey[Callable[[], bytes]] = web.AppKey("scrape")
+WORKER_HEADER = "X-Gateway-Worker"
 SWEEP_SECONDS = 300.0
 GAUGE_REFRESH_SECONDS = 5.0
 # Request line and header limits, for every connection (aiohttp's parser answers 400
@@ -107,8 +111,14 @@ def create_app(
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.time,
     forward: bool = True,
+    multiprocess_dir: Path | None = None,
 ) -> web.Application:
-    """The whole gateway as an aiohttp application; `forward=False` leaves the loop off."""
+    """The whole gateway as an aiohttp application; `forward=False` leaves the loop off.
+
+    `multiprocess_dir` makes this app one worker of `serve --workers N`: /metrics
+    answers for all workers (their values are in that directory), and every answer
+    names the worker's pid in an X-Gateway-Worker header.
+    """
     app = web.Application(
         # CORS outermost, so error answers carry its headers too and the page can read them.
         middlewares=[ingest.cors_middleware, error_middleware],
@@ -118,7 +128,11 @@ def create_app(
     metrics = make_metrics(registry or CollectorRegistry(), settings.pixels)
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    scrape: Callable[[], bytes] = functools.partial(exposition, metrics, multiprocess_dir)
+    app[SCRAPE] = scrape
     app[RESOURCES] = Resources()
+    if multiprocess_dir is not None:
+        app.on_response_prepare.append(_name_worker)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_make_forwarder_ctx(clock, forward))
@@ -161,7 +175,6 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     if settings.redis_url is None:
         embedded = res.embedded = EmbeddedRedis(settings.data_dir)
         res.redis_url = await embedded.start()
-        log.info("embedded Redis at %s (append-only file in %s)", res.redis_url, settings.data_dir)
     else:
         res.redis_url = settings.redis_url
     res.redis = connect(
@@ -362,8 +375,12 @@ def _count_rejection(request: web.Request, exc: RequestError) -> None:
         metrics.rejected.labels(reason).inc()
 
 
+async def _name_worker(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[WORKER_HEADER] = str(os.getpid())
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    body = request.app[SCRAPE]()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -8,12 +8,18 @@ and the dashboard see every series from the first scrape.
 
 Gauges that need Redis (pending, dead letters, forward lag, Redis up) are set
 by a background task in `app.py`; a scrape never waits on Redis.
+
+Under `serve --workers N` every worker writes its values to files in
+PROMETHEUS_MULTIPROC_DIR and `exposition()` adds them up per scrape. Each
+gauge says how: the Redis-derived ones are the same number in every worker,
+so the most recent live reading wins; Redis up is the worst live reading.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,7 +28,9 @@ from prometheus_client import (
     Histogram,
     Info,
     disable_created_metrics,
+    generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__
 from .events import SOURCES, STANDARD_EVENTS, Source
@@ -183,15 +191,17 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
             buckets=MERGE_WAIT_BUCKETS, registry=registry,
         ),
         pending=Gauge(
-            "gateway_pending_events", "Events stored and not yet forwarded.", registry=registry,
+            "gateway_pending_events", "Events stored and not yet forwarded.",
+            multiprocess_mode="livemostrecent", registry=registry,
         ),
         dead_letters=Gauge(
-            "gateway_dead_letter_events", "Events in the dead-letter stream.", registry=registry,
+            "gateway_dead_letter_events", "Events in the dead-letter stream.",
+            multiprocess_mode="livemostrecent", registry=registry,
         ),
         forward_lag=Gauge(
             "gateway_forward_lag_seconds",
             "How long the oldest due event has waited for a forwarder to claim it.",
-            registry=registry,
+            multiprocess_mode="livemostrecent", registry=registry,
         ),
         match_keys=Counter(
             "gateway_match_keys", "Forwarded events carrying each match key.", ["pixel", "key"],
@@ -204,7 +214,7 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
         redis_up=Gauge(
             "gateway_redis_up",
             "1 when the last background read of Redis succeeded, 0 when it failed.",
-            registry=registry,
+            multiprocess_mode="livemin", registry=registry,
         ),
         build_info=Info("gateway_build", "The gateway's version.", registry=registry),
     )
@@ -233,3 +243,14 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
         for code_class in classes:
             m.forward_requests.labels(outcome, code_class)
     return m
+
+
+def exposition(metrics: Metrics, multiprocess_dir: Path | None = None) -> bytes:
+    """The text a scrape of /metrics answers: this process's, or every worker's added up."""
+    if multiprocess_dir is None:
+        return generate_latest(metrics.registry)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(multiprocess_dir))  # type: ignore[no-untyped-call]
+    # An Info keeps its value in memory, not in the workers' files; it is the same in all.
+    registry.register(metrics.build_info)
+    return generate_latest(registry)

@@ -182,6 +182,13 @@ def _parse(env: Mapping[str, str]) -> Settings:
     )
     if settings.dedup_window < settings.merge_window:
         raise ConfigError("GATEWAY_DEDUP_WINDOW", "must not be shorter than GATEWAY_MERGE_WINDOW")
+    if settings.redis_cluster and not (settings.redis_url or "").startswith(
+        ("redis://", "rediss://")
+    ):
+        # The embedded Redis is one node, and a cluster is reached over TCP only.
+        raise ConfigError(
+            "GATEWAY_REDIS_CLUSTER", "needs GATEWAY_REDIS_URL=redis:// or rediss:// of a node"
+        )
     _check_browser_settings(settings)
     return settings
 

@@ -49,6 +49,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import logging
+import math
 import time
 import uuid
 import zlib
@@ -68,6 +70,7 @@ from .events import SOURCES, Event, Source, dedup_name
 RedisClient = aioredis.Redis | RedisCluster
 IngestStatus = Literal["new", "merged", "complete", "duplicate"]
 ScriptCall = tuple[str, Sequence[str], Sequence[Any]]  # (script name, KEYS, ARGV)
+log = logging.getLogger("gateway.store")
 SOURCE_BITS: dict[Source, int] = {"pixel": 1, "server": 2}
 BOTH_SOURCES = 3
 SHARED_PIPELINE_MAX = 2000  # script calls in one shared pipeline; the rest go in the next
@@ -139,6 +142,12 @@ return {'merged', state[3]}
 # ARGV[1] now ms, ARGV[2] lease ms, ARGV[3] limit, ARGV[4] claim token, ARGV[5] shard key prefix
 # Returns one entry per claimed member: {member, t0, src, attempts, nodedup, copy...}.
 # Reads the members' keys by name; they share the zset's hash tag, so the same slot.
+# (So do ACK, RELEASE, DEAD_LETTER and REPLAY.) Redis Cluster routes a script by its KEYS
+# only; inside it a key not passed in KEYS works as long as this node serves its slot
+# (6.2 does not check; 7.x refuses keys of other slots). Same tag, same slot: served
+# here, tested on a 6.2 cluster in tests/test_cluster.py. One caveat: while a slot is
+# being migrated key by key, a key already moved reads as absent here (Redis answers
+# TRYAGAIN only for declared keys), so reshard with the gateways stopped.
 CLAIM = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local lease_end = tonumber(ARGV[1]) + tonumber(ARGV[2])
@@ -382,6 +391,7 @@ class Store:
             tuple[Sequence[ScriptCall], asyncio.Future[list[Any]]]
         ] = collections.deque()
         self._flusher: asyncio.Task[None] | None = None
+        self._claim_warned_at = -math.inf
         # Script objects give the SHA1 and source; calls go through `_run`.
         self._scripts = {
             name: aioredis.Redis.register_script(client, _lua(lua))  # type: ignore[arg-type]
@@ -490,9 +500,22 @@ class Store:
             )
             for shard in range(self.shards)
         ]
-        replies = await self._run(calls)
+        # Partial: on a cluster with one primary away, the others' shards still forward.
+        replies = await self._run(calls, partial=True)
+        failed = [shard for shard, r in enumerate(replies) if isinstance(r, Exception)]
+        # Said once a minute at most: the forwarder polls several times a second.
+        if failed and time.monotonic() - self._claim_warned_at > 60.0:
+            self._claim_warned_at = time.monotonic()
+            log.warning(
+                "cannot claim %d of %d shards (%s); claiming the others",
+                len(failed),
+                self.shards,
+                replies[failed[0]],
+            )
         claims = []
         for shard, entries in enumerate(replies):
+            if isinstance(entries, Exception):
+                continue
             for entry in entries:
                 member, t0, src, attempts, nodedup, *copies = (_text(x) for x in entry)
                 claims.append(
@@ -706,7 +729,9 @@ class Store:
             await self.client.ping()  # type: ignore[misc]
 
     async def load_scripts(self) -> None:
-        """Load every script; /readyz calls this so a flushed cache heals itself."""
+        """Load every script; /readyz calls this so a flushed cache heals itself.
+
+        On a cluster, SCRIPT LOAD goes to every primary (redis-py routes it so)."""
         async with self._guard():
             for script in self._scripts.values():
                 await self.client.script_load(script.script)
@@ -748,8 +773,13 @@ class Store:
                     future.set_result(replies[start : start + len(calls)])
                 start += len(calls)
 
-    async def _run(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Run script calls in one pipeline; reload scripts Redis lost and rerun only those."""
+    async def _run(self, calls: Sequence[ScriptCall], *, partial: bool = False) -> list[Any]:
+        """Run script calls in one pipeline; reload scripts Redis lost and rerun only those.
+
+        A failed call raises, unless `partial`: then its exception takes its place in the
+        replies (on a cluster one primary may be away while the others answer), and only
+        when every call failed is the first failure raised.
+        """
         if not calls:
             return []
         async with self._guard():
@@ -762,15 +792,48 @@ class Store:
                 retried = await self._pipeline([calls[i] for i in missing])
                 for i, reply in zip(missing, retried, strict=True):
                     replies[i] = reply
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
+            failed = [r for r in replies if isinstance(r, Exception)]
+            if failed and (not partial or len(failed) == len(replies)):
+                raise failed[0]
         return replies
 
     async def _pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """One reply (or exception) per call, in order."""
+        if isinstance(self.client, RedisCluster):
+            return await self._cluster_pipeline(self.client, calls)
+        return await self._node_pipeline(calls)
+
+    async def _cluster_pipeline(
+        self, client: RedisCluster, calls: Sequence[ScriptCall]
+    ) -> list[Any]:
+        """One pipeline per primary, concurrently: a primary that is away fails only its
+        own calls. redis-py's cluster pipeline would group per node too, but raises for
+        all calls when one node's connection fails, and a claim made on the other nodes
+        would then be lost until its lease ends."""
+        await client.initialize()  # the slot map; a no-op once known
+        groups: dict[str, list[int]] = {}
+        for i, (_name, keys, _args) in enumerate(calls):
+            node = client.get_node_from_key(keys[0])
+            groups.setdefault(node.name if node else "", []).append(i)
+        results = await asyncio.gather(
+            *(self._node_pipeline([calls[i] for i in idx]) for idx in groups.values()),
+            return_exceptions=True,
+        )
+        replies: list[Any] = [None] * len(calls)
+        for idx, result in zip(groups.values(), results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # cancelled
+            for j, i in enumerate(idx):
+                replies[i] = result if isinstance(result, Exception) else result[j]
+        return replies
+
+    async def _node_pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for name, keys, args in calls:
-            pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+            # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the
+            # evalsha method, yet routes a queued EVALSHA by its KEYS (one slot per call),
+            # groups the calls per node, and hands back a NOSCRIPT reply per call.
+            pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
@@ -781,10 +844,31 @@ class Store:
             yield
         except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
             raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        except CLUSTER_UNAVAILABLE as exc:
+            if isinstance(exc, redis_errors.MovedError) and not isinstance(
+                self.client, RedisCluster
+            ):
+                raise StoreUnavailable(
+                    f"Redis answered MOVED {exc}: it is a cluster; set GATEWAY_REDIS_CLUSTER=1"
+                ) from exc
+            raise StoreUnavailable(f"Redis Cluster unavailable: {exc!r}") from exc
         except redis_errors.ResponseError as exc:
             if _cannot_write_now(exc):
                 raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
             raise
+
+
+# A cluster failing over or resharding: the cluster client follows MOVED and ASK and
+# refreshes its slot map itself, retrying a few times; what still comes out is a
+# transient outage to our clients (503), never a bug (500). ClusterDownError covers
+# MasterDownError; AskError covers MovedError; ClusterError is "no node reachable".
+CLUSTER_UNAVAILABLE = (
+    redis_errors.ClusterDownError,
+    redis_errors.ClusterError,
+    redis_errors.TryAgainError,
+    redis_errors.AskError,
+    redis_errors.SlotNotCoveredError,
+)
 
 
 def _cannot_write_now(exc: redis_errors.ResponseError) -> bool:

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import RESOURCES, create_app
 from gateway.embedded import EmbeddedRedis
 from gateway.settings import Settings
+from tests.cluster import LocalCluster
 from tests.tiktok_stub import TikTokStub
 
 PIXEL = "CPIXEL0000000000001"
@@ -48,6 +49,22 @@ async def redis_url(redis_server: EmbeddedRedis) -> AsyncIterator[str]:
     await client.flushall()
     yield redis_server.url
     await client.aclose()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def redis_cluster() -> AsyncIterator[LocalCluster]:
+    """A three-primary Redis Cluster for the session, started by the first test needing it."""
+    cluster = LocalCluster()
+    await cluster.start()
+    yield cluster
+    await cluster.stop()
+
+
+@pytest_asyncio.fixture
+async def cluster_url(redis_cluster: LocalCluster) -> str:
+    """The session's cluster (the URL of one node), every primary emptied for this test."""
+    await redis_cluster.flushall()
+    return redis_cluster.url
 
 
 @pytest_asyncio.fixture

@@ -83,6 +83,17 @@ def test_dedup_window_shorter_than_merge_window_is_refused() -> None:
         Settings.from_env({"GATEWAY_MERGE_WINDOW": "100", "GATEWAY_DEDUP_WINDOW": "10"})
 
 
+@pytest.mark.parametrize("url", [None, "unix:///run/redis.sock"])
+def test_cluster_needs_a_tcp_url(url: str | None) -> None:
+    env = {"GATEWAY_REDIS_CLUSTER": "1"}
+    if url:
+        env["GATEWAY_REDIS_URL"] = url
+    with pytest.raises(ConfigError, match=r"^GATEWAY_REDIS_CLUSTER"):
+        Settings.from_env(env)
+    ok = Settings.from_env({**env, "GATEWAY_REDIS_URL": "rediss://node-1:6380"})
+    assert ok.redis_cluster
+
+
 def test_toml_file_sets_the_same_names_and_environment_wins(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(

@@ -757,6 +757,11 @@ async def test_connect_client_closes_its_connections(
     await Store(client, shards=4).ping()
     assert len(await redis_client.client_list()) == before + 1
     await client.aclose()
+    # Redis notices the closed socket a moment later: wait for it, boundedly.
+    for _ in range(100):
+        if len(await redis_client.client_list()) == before:
+            break
+        await asyncio.sleep(0.01)
     assert len(await redis_client.client_list()) == before
 
 
