@@ -50,9 +50,14 @@ _RESTART_BASE_SECONDS = 0.1
 _RESTART_CAP_SECONDS = 2.0
 
 
+def doubling_delay(failures: int, base: float, cap: float) -> float:
+    """`base` seconds after the first of `failures` (1-based) quick deaths, doubling, capped."""
+    return min(base * 2.0 ** max(failures - 1, 0), cap)
+
+
 def restart_delay(failures: int) -> float:
     """Seconds to wait before restart number `failures` (1-based) in a quick series."""
-    return min(_RESTART_BASE_SECONDS * 2.0 ** max(failures - 1, 0), _RESTART_CAP_SECONDS)
+    return doubling_delay(failures, _RESTART_BASE_SECONDS, _RESTART_CAP_SECONDS)
 
 
 def find_redis_server() -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from .embedded import EmbeddedRedis
+from .embedded import EmbeddedRedis, doubling_delay
 from .errors import ConfigError
 from .settings import Settings
 
@@ -52,7 +52,7 @@ _RESTART_CAP_SECONDS = 10.0
 
 def restart_delay(failures: int) -> float:
     """Seconds before restarting a worker after `failures` (1-based) quick deaths in a row."""
-    return min(_RESTART_BASE_SECONDS * 2.0 ** max(failures - 1, 0), _RESTART_CAP_SECONDS)
+    return doubling_delay(failures, _RESTART_BASE_SECONDS, _RESTART_CAP_SECONDS)
 
 
 async def run(
