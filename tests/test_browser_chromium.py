@@ -456,7 +456,8 @@ async def cookie(tab: Tab, name: str) -> str | None:
 
 
 async def wait_for_cookie(tab: Tab, name: str) -> Any:
-    for _ in range(200):
+    # A deadline of 15 s: the beacon that sets it may queue behind a busy machine.
+    for _ in range(600):
         for c in await tab.context.cookies(tab.base):
             if c["name"] == name:
                 return c
