@@ -32,8 +32,8 @@ typecheck: $(STAMP)
 # fail under CI=true).
 .PHONY: tools
 tools:
-	@bash scripts/ensure-prometheus.sh
-	@bash scripts/ensure-chromium.sh
+	@bash scripts/ensure-debian-package.sh prometheus prometheus promtool
+	@bash scripts/ensure-debian-package.sh chromium chromium
 
 pytest: $(STAMP) tools
 	$(BIN)/pytest

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,15 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A data directory for a gateway process; short, so the embedded Redis's unix
+    socket path fits in sun_path."""
+    path = Path(tempfile.mkdtemp(prefix="gw"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest_asyncio.fixture

@@ -6,7 +6,7 @@ here); every other request is blocked, and a test fails if one was tried. A few
 pages of the tests' own are answered by Playwright itself, on the gateway's
 origin, to load the scripts in every order.
 
-`make test` installs Chromium where it can (scripts/ensure-chromium.sh: root
+`make test` installs Chromium where it can (scripts/ensure-debian-package.sh: root
 with apt-get). Elsewhere these tests skip, saying why; under CI=true a missing
 browser fails the run.
 """
@@ -75,7 +75,7 @@ def chromium_or_skip() -> str:
     if not Path(path).exists():
         missing.append(
             "Debian's chromium (make test installs it as root with apt-get: "
-            "scripts/ensure-chromium.sh)"
+            "scripts/ensure-debian-package.sh)"
         )
     if not missing:
         return path

@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +40,6 @@ from tests.processes import (
 )
 
 TTP = "ttp-process-test-0000001"
-
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    # Short, so the embedded Redis's unix socket path fits in sun_path.
-    path = Path(tempfile.mkdtemp(prefix="gw"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest_asyncio.fixture

@@ -1,6 +1,6 @@
 """A real Prometheus scrapes a gateway under traffic; the dashboard and the rules work on it.
 
-Debian's `prometheus` (installed by `make test` through scripts/ensure-prometheus.sh)
+Debian's `prometheus` (installed by `make test` through scripts/ensure-debian-package.sh)
 runs on a free loopback port with a scratch data directory, loads
 dashboards/rules.yml and scrapes a gateway served by this test every second.
 Then: `promtool check rules` and `promtool test rules` pass; every PromQL
@@ -45,7 +45,7 @@ def tool(name: str) -> str:
         return path
     reason = (
         f"*** {name} NOT INSTALLED: the real-Prometheus checks did not run. "
-        "`make test` installs Debian's prometheus package (scripts/ensure-prometheus.sh) "
+        "`make test` installs Debian's prometheus package (scripts/ensure-debian-package.sh) "
         "when run as root with apt-get; or `apt-get install prometheus`. ***"
     )
     if os.environ.get("CI") == "true":

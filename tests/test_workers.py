@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +38,6 @@ from tests.tiktok_stub import TikTokStub
 WORKERS = 2
 KEYS = 6
 MAX_CONNECTIONS = 200
-
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    # Short, so the embedded Redis's unix socket path fits in sun_path.
-    path = Path(tempfile.mkdtemp(prefix="gw"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest_asyncio.fixture
