@@ -57,12 +57,13 @@ import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from .errors import StoreUnavailable
 from .events import SOURCES, Event, Source, dedup_name
@@ -73,69 +74,90 @@ ScriptCall = tuple[str, Sequence[str], Sequence[Any]]  # (script name, KEYS, ARG
 log = logging.getLogger("gateway.store")
 SOURCE_BITS: dict[Source, int] = {"pixel": 1, "server": 2}
 BOTH_SOURCES = 3
-SHARED_PIPELINE_MAX = 2000  # script calls in one shared pipeline; the rest go in the next
+SHARED_PIPELINE_MAX = 2000  # items in one shared pipeline; the rest go in the next
+BATCH_CALL_MAX = 250  # items in one batched script call: Redis runs nothing else meanwhile
 TIMELINE_MAX = 100  # entries kept per key; a flood of duplicates must not grow it without bound
 
 
 def _lua(source: str) -> str:
     """Write the Python constants a script uses into its source."""
-    return source.replace("$TIMELINE_MAX", str(TIMELINE_MAX)).replace(
-        "$BOTH_SOURCES", str(BOTH_SOURCES)
-    )
+    for name, value in (
+        ("$TIMELINE_MAX", TIMELINE_MAX),
+        ("$BOTH_SOURCES", BOTH_SOURCES),
+        ("$INGEST_ITEM", INGEST_ITEM),
+        ("$RATE_LIMIT_ITEM", RATE_LIMIT_ITEM),
+    ):
+        source = source.replace(name, str(value))
+    return source
 
 
-# KEYS[1] key hash, KEYS[2] copies list, KEYS[3] shard due zset, KEYS[4] timeline list,
-# KEYS[5] the remembered-keys bucket of the fingerprint (absent for events without event_id)
-# ARGV[1] member, ARGV[2] now ms, ARGV[3] source bit, ARGV[4] copy (JSON),
-# ARGV[5] merge window ms, ARGV[6] early flush 1|0, ARGV[7] timeline entry (JSON object) or "",
-# ARGV[8] no dedup 1|0 (events without event_id: due at once, forgotten after the forward),
-# ARGV[9] fingerprint, ARGV[10] dedup window ms
-# Returns {status, first copy ms}; status is new | merged | complete | duplicate.
+# A batched script (see Store._shared): KEYS[1] only routes the call to the node serving
+# the slot that every item's keys share (on one Redis, items of all shards share a call).
+# ARGV[1] merge window ms, ARGV[2] early flush 1|0, ARGV[3] dedup window ms, then per copy
+# INGEST_ITEM arguments: shard key prefix, member, now ms, source bit, copy (JSON),
+# timeline entry (JSON object) or "", no dedup 1|0 (events without event_id: due at once,
+# forgotten after the forward), fingerprint, remembered-keys bucket.
+# Returns {status, first copy ms} per copy, in order; status is new | merged | complete |
+# duplicate. Copies of one key in one call are taken in order, as if sent one by one.
 # Retried after a timeout, a copy may be stored twice; merging it again changes nothing.
+INGEST_ITEM = 9
 INGEST = """
-local function log(outcome, push)
-  if ARGV[7] ~= '' then
-    local rest = string.sub(ARGV[7], 2)
+local merge_ms, early, dedup_ms = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
+
+local function log(tl, entry, outcome, push)
+  if entry ~= '' then
+    local rest = string.sub(entry, 2)
     if not string.find(rest, '^%s*}') then rest = ',' .. rest end  -- no comma before '}' of {}
-    redis.call(push, KEYS[4], '{"outcome":"' .. outcome .. '"' .. rest)
-    redis.call('LTRIM', KEYS[4], 0, $TIMELINE_MAX - 1)
+    redis.call(push, tl, '{"outcome":"' .. outcome .. '"' .. rest)
+    redis.call('LTRIM', tl, 0, $TIMELINE_MAX - 1)
   end
 end
-local now = tonumber(ARGV[2])
-local state = redis.call('HMGET', KEYS[1], 'st', 'src', 't0')
-if not state[1] then
-  local until_s = KEYS[5] and tonumber(redis.call('HGET', KEYS[5], ARGV[9]))
-  if until_s and math.abs(until_s) * 1000 > now then
-    -- RPUSHX: a timeline already expired must not come back without a TTL.
-    log('duplicate', 'RPUSHX')
-    return {'duplicate', tostring(math.abs(until_s) * 1000 - tonumber(ARGV[10]))}
+
+local function ingest(p, member, now, source, copy, entry, nodedup, fp, bucket)
+  local hk, ck, tl = p .. 'k:' .. member, p .. 'c:' .. member, p .. 't:' .. member
+  local state = redis.call('HMGET', hk, 'st', 'src', 't0')
+  if not state[1] then
+    -- Events without event_id have a key of their own: nothing to look up.
+    local until_s = nodedup ~= '1' and tonumber(redis.call('HGET', p .. 'r:' .. bucket, fp))
+    if until_s and math.abs(until_s) * 1000 > now then
+      -- RPUSHX: a timeline already expired must not come back without a TTL.
+      log(tl, entry, 'duplicate', 'RPUSHX')
+      return {'duplicate', tostring(math.abs(until_s) * 1000 - dedup_ms)}
+    end
+    local due = now
+    if nodedup ~= '1' then due = now + merge_ms end
+    redis.call('HSET', hk, 'st', 'open', 'src', source, 't0', now, 'due', due,
+               'n', 1, 'att', 0, 'nd', nodedup, 'dup', 0)
+    redis.call('RPUSH', ck, copy)
+    redis.call('ZADD', p .. 'due', due, member)
+    log(tl, entry, 'new', 'RPUSH')
+    return {'new', tostring(now)}
   end
-  local due = now
-  if ARGV[8] ~= '1' then due = now + tonumber(ARGV[5]) end
-  redis.call('HSET', KEYS[1], 'st', 'open', 'src', ARGV[3], 't0', now, 'due', due,
-             'n', 1, 'att', 0, 'nd', ARGV[8], 'dup', 0)
-  redis.call('RPUSH', KEYS[2], ARGV[4])
-  redis.call('ZADD', KEYS[3], due, ARGV[1])
-  log('new', 'RPUSH')
-  return {'new', tostring(now)}
+  if state[1] ~= 'open' then
+    redis.call('HINCRBY', hk, 'dup', 1)
+    log(tl, entry, 'duplicate', 'RPUSH')
+    return {'duplicate', state[3]}
+  end
+  local src = bit.bor(tonumber(state[2]), source)
+  redis.call('HSET', hk, 'src', src)
+  redis.call('HINCRBY', hk, 'n', 1)
+  redis.call('RPUSH', ck, copy)
+  if src == $BOTH_SOURCES and early then
+    redis.call('HSET', hk, 'due', now)
+    redis.call('ZADD', p .. 'due', 'LT', now, member)
+    log(tl, entry, 'complete', 'RPUSH')
+    return {'complete', state[3]}
+  end
+  log(tl, entry, 'merged', 'RPUSH')
+  return {'merged', state[3]}
 end
-if state[1] ~= 'open' then
-  redis.call('HINCRBY', KEYS[1], 'dup', 1)
-  log('duplicate', 'RPUSH')
-  return {'duplicate', state[3]}
+
+local out = {}
+for i = 4, #ARGV, $INGEST_ITEM do
+  out[#out + 1] = ingest(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
+                         ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8])
 end
-local src = bit.bor(tonumber(state[2]), tonumber(ARGV[3]))
-redis.call('HSET', KEYS[1], 'src', src)
-redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('RPUSH', KEYS[2], ARGV[4])
-if src == $BOTH_SOURCES and ARGV[6] == '1' then
-  redis.call('HSET', KEYS[1], 'due', now)
-  redis.call('ZADD', KEYS[3], 'LT', now, ARGV[1])
-  log('complete', 'RPUSH')
-  return {'complete', state[3]}
-end
-log('merged', 'RPUSH')
-return {'merged', state[3]}
+return out
 """
 
 # KEYS[1] shard due zset
@@ -305,22 +327,45 @@ return removed
 """
 
 
-# KEYS[1] the client's rate key
-# ARGV[1] now ms, ARGV[2] ms between requests at the sustained rate, ARGV[3] burst
-# Returns 0 when the request may go ahead (it is counted), else the ms to wait (nothing is
-# counted). GCRA: a request is allowed while the theoretical arrival time is at most
+# A batched script (see Store._shared); KEYS[1] routes the call, as for INGEST.
+# ARGV[1] ms between requests at the sustained rate, ARGV[2] burst, then per request
+# RATE_LIMIT_ITEM arguments: the client's rate key, now ms.
+# Returns per request 0 when it may go ahead (it is counted), else the ms to wait (nothing
+# is counted). GCRA: a request is allowed while the theoretical arrival time is at most
 # (burst - 1) intervals ahead of now; each allowed one moves it an interval on. Run twice
 # (a retried timeout), it counts the request twice: stricter, never looser.
+RATE_LIMIT_ITEM = 2
 RATE_LIMIT = """
-local now = tonumber(ARGV[1])
-local interval = tonumber(ARGV[2])
-local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
-local wait = tat - now - (tonumber(ARGV[3]) - 1) * interval
-if wait > 0 then return math.ceil(wait) end
-tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now))
-return 0
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+
+local function count(key, now)
+  local tat = math.max(tonumber(redis.call('GET', key) or now), now)
+  local wait = tat - now - (burst - 1) * interval
+  if wait > 0 then return math.ceil(wait) end
+  tat = tat + interval
+  redis.call('SET', key, string.format('%.3f', tat), 'PX', math.ceil(tat - now))
+  return 0
+end
+
+local out = {}
+for i = 3, #ARGV, $RATE_LIMIT_ITEM do
+  out[#out + 1] = count(ARGV[i], tonumber(ARGV[i + 1]))
+end
+return out
 """
+
+
+class BatchItem(NamedTuple):
+    """One item of a batched script (INGEST, RATE_LIMIT): a copy, or a request to count.
+
+    Items with the same script, slot and common arguments go in one call, so concurrent
+    requests share one script call, not only one round trip.
+    """
+
+    script: str
+    route: str  # a key in the slot that every key the item touches shares
+    common: tuple[Any, ...]  # the call's first arguments, the same for every item in it
+    args: tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +433,7 @@ class Store:
         self.timeline_retention_ms = int(min(retention, dedup_window) * 1000) if timeline else 0
         self.dedup_buckets = dedup_buckets
         self._queue: collections.deque[
-            tuple[Sequence[ScriptCall], asyncio.Future[list[Any]]]
+            tuple[Sequence[BatchItem], asyncio.Future[list[Any]]]
         ] = collections.deque()
         self._flusher: asyncio.Task[None] | None = None
         self._claim_warned_at = -math.inf
@@ -447,12 +492,14 @@ class Store:
     async def ingest(
         self, events: Sequence[Event], now: float, timeline: Sequence[bytes] | None = None
     ) -> list[IngestResult]:
-        """Store copies atomically, each merged, opened or dropped; one round trip,
-        shared with the requests ingesting at the same time."""
+        """Store copies atomically, each merged, opened or dropped; one round trip and
+        one script call, shared with the requests ingesting at the same time."""
         now_ms = int(now * 1000)
-        calls = []
+        common = (self.merge_window_ms, 1 if self.early_flush else 0, self.dedup_window_ms)
+        items = []
         for i, event in enumerate(events):
             member = self.member(event)
+            prefix = self.prefix(self.shard_of(member))
             copy = orjson.dumps(
                 {
                     "source": event.source,
@@ -464,25 +511,21 @@ class Store:
                 }
             )
             entry = timeline[i] if timeline is not None and self.timeline else b""
-            fp, bucket = self.fingerprint(member)
-            # Events without event_id have a key of their own: nothing to look up.
-            remembered = (
-                [self.remembered_key(self.shard_of(member), bucket)] if event.event_id else []
-            )
+            # Events without event_id have a key of their own: nothing to remember.
+            fp, bucket = self.fingerprint(member) if event.event_id else (b"", 0)
             args = (
+                prefix,
                 member,
                 now_ms,
                 SOURCE_BITS[event.source],
                 copy,
-                self.merge_window_ms,
-                1 if self.early_flush else 0,
                 entry,
                 0 if event.event_id else 1,
                 fp,
-                self.dedup_window_ms,
+                bucket,
             )
-            calls.append(("ingest", (*self.keys_of(member), *remembered), args))
-        replies = await self._shared(calls)
+            items.append(BatchItem("ingest", f"{prefix}due", common, args))
+        replies = await self._shared(items)
         return [
             IngestResult(status=_text(r[0]), first_seen=int(r[1]) / 1000)  # type: ignore[arg-type]
             for r in replies
@@ -517,7 +560,8 @@ class Store:
             if isinstance(entries, Exception):
                 continue
             for entry in entries:
-                member, t0, src, attempts, nodedup, *copies = (_text(x) for x in entry)
+                member, t0, src, attempts, nodedup = (_text(x) for x in entry[:5])
+                copies = entry[5:]
                 claims.append(
                     Claim(
                         member=member,
@@ -720,8 +764,9 @@ class Store:
     async def rate_limit(self, client: str, now: float, rate: float, burst: int) -> float:
         """Count a request of `client` against `rate` a second with bursts of `burst`, shared
         by every instance; 0.0 when it may go ahead, else the seconds to wait. One round trip."""
-        args = (int(now * 1000), 1000.0 / rate, burst)
-        [wait_ms] = await self._shared([("rate_limit", (f"tkgw:rl:{{{client}}}",), args)])
+        key = f"tkgw:rl:{{{client}}}"
+        item = BatchItem("rate_limit", key, (1000.0 / rate, burst), (key, int(now * 1000)))
+        [wait_ms] = await self._shared([item])
         return int(wait_ms) / 1000
 
     async def ping(self) -> None:
@@ -738,40 +783,65 @@ class Store:
 
     # -- plumbing ----------------------------------------------------------------
 
-    async def _shared(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Run calls in the next pipeline, together with everyone else's.
+    async def _shared(self, items: Sequence[BatchItem]) -> list[Any]:
+        """Run batched-script items in the next pipeline, together with everyone else's;
+        one reply per item.
 
-        While a pipeline is in flight, calls queue; the flusher then sends all of
-        them as one. Under load many requests share a round trip, and a quiet
+        While a pipeline is in flight, items queue; the flusher then sends all of
+        them as one, with one script call per script and slot (on one Redis, per
+        script). Under load many requests share a round trip and a call, and a quiet
         gateway still sends at once. The flusher is a task of its own, so a caller
         that gives up (a client hung up) cannot cut a pipeline in half.
         """
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((calls, future))
+        self._queue.append((items, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="store-flush")
         return await future
 
     async def _flush(self) -> None:
         while self._queue:
-            batch: list[tuple[Sequence[ScriptCall], asyncio.Future[list[Any]]]] = []
+            batch: list[tuple[Sequence[BatchItem], asyncio.Future[list[Any]]]] = []
             size = 0
             while self._queue and size < SHARED_PIPELINE_MAX:
-                calls, future = self._queue.popleft()
-                batch.append((calls, future))
-                size += len(calls)
+                items, future = self._queue.popleft()
+                batch.append((items, future))
+                size += len(items)
             try:
-                replies = await self._run([c for calls, _ in batch for c in calls])
+                replies = await self._run_batched([i for items, _ in batch for i in items])
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             start = 0
-            for calls, future in batch:
+            for items, future in batch:
                 if not future.done():
-                    future.set_result(replies[start : start + len(calls)])
-                start += len(calls)
+                    future.set_result(replies[start : start + len(items)])
+                start += len(items)
+
+    async def _run_batched(self, items: Sequence[BatchItem]) -> list[Any]:
+        """Items grouped into script calls (at most BATCH_CALL_MAX items each) in one
+        pipeline; one reply per item, in order."""
+        cluster = isinstance(self.client, RedisCluster)
+        groups: dict[tuple[str, int, tuple[Any, ...]], list[int]] = {}
+        for i, item in enumerate(items):
+            slot = key_slot(item.route.encode()) if cluster else 0
+            groups.setdefault((item.script, slot, item.common), []).append(i)
+        chunks = [
+            (script, common, indexes[start : start + BATCH_CALL_MAX])
+            for (script, _slot, common), indexes in groups.items()
+            for start in range(0, len(indexes), BATCH_CALL_MAX)
+        ]
+        calls = [
+            (script, [items[chunk[0]].route], [*common, *(a for i in chunk for a in items[i].args)])
+            for script, common, chunk in chunks
+        ]
+        replies: list[Any] = [None] * len(items)
+        for (_script, _common, chunk), reply in zip(chunks, await self._run(calls), strict=True):
+            for i, item_reply in zip(chunk, reply, strict=True):
+                replies[i] = item_reply
+        return replies
 
     async def _run(self, calls: Sequence[ScriptCall], *, partial: bool = False) -> list[Any]:
         """Run script calls in one pipeline; reload scripts Redis lost and rerun only those.

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.errors import StoreUnavailable
 from gateway.events import Event, Source
-from gateway.store import TIMELINE_MAX, Claim, Store, connect
+from gateway.store import BATCH_CALL_MAX, TIMELINE_MAX, Claim, Store, connect
 from tests.conftest import PIXEL, PIXEL2, free_port
 
 MERGE = 10.0
@@ -692,6 +692,35 @@ async def test_many_events_in_one_pipeline(
     assert sum(not c.dedup for c in claims) == 20
     later = await store.claim(t0 + 1 + MERGE, 1000, LEASE)
     assert len(later) == 250 - len(completed)
+
+
+async def script_calls(redis_client: aioredis.Redis) -> int:
+    stats = await redis_client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_concurrent_ingests_share_one_script_call(
+    store: Store, redis_client: aioredis.Redis, t0: float
+) -> None:
+    await store.ingest([event("warm")], t0)  # scripts loaded
+    before = await script_calls(redis_client)
+    pairs = [[event(f"c-{i}", "pixel"), event(f"c-{i}", "server")] for i in range(40)]
+    results = await asyncio.gather(*(store.ingest(pair, t0) for pair in pairs))
+    assert [[r.status for r in rs] for rs in results] == [["new", "complete"]] * 40
+    # 80 copies of 40 requests: one call, or two when the first left before the rest queued.
+    assert await script_calls(redis_client) - before <= 2
+
+
+async def test_a_large_batch_is_cut_into_bounded_script_calls(
+    store: Store, redis_client: aioredis.Redis, t0: float
+) -> None:
+    await store.ingest([event("warm")], t0)
+    before = await script_calls(redis_client)
+    count = 2 * BATCH_CALL_MAX + 1
+    results = await store.ingest([event(f"b-{i}") for i in range(count)], t0)
+    assert [r.status for r in results] == ["new"] * count
+    # Redis runs nothing else while a script runs: no call holds it for a whole batch.
+    assert await script_calls(redis_client) - before == 3
 
 
 # -- two gateways at once ------------------------------------------------------------------
