@@ -12,6 +12,7 @@ PII through `gateway.pii`.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -246,8 +247,11 @@ def _seconds_from_iso(text: str) -> int:
         raise ValueError("out of range") from None
 
 
+@functools.lru_cache(maxsize=256)  # a beacon's URL is read for its body, then for the cookie
 def ttclid_from_url(url: str) -> str | None:
     """The `ttclid` query parameter of a page URL, if any."""
+    if "ttclid" not in url:  # most URLs; parsing them is the expensive part
+        return None
     try:
         query = urlsplit(url).query
     except ValueError:  # e.g. an unclosed "[" in the host
@@ -441,11 +445,10 @@ def _fields(
     for key, item in value.items():
         if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH:
             raise InvalidEvent(path, f"keys must be strings of at most {MAX_KEY_LENGTH} characters")
-        field = f"{path}.{key}"
         if key in known:
-            cleaned = known[key](item, field)
+            cleaned = known[key](item, f"{path}.{key}")
         elif keep_unknown:
-            cleaned = clean_value(item, field, depth)
+            cleaned = clean_value(item, f"{path}.{key}", depth)
         else:
             continue
         if cleaned is not None:

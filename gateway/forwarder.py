@@ -13,6 +13,7 @@ instance claims the event again (TikTok's dedup on event_id absorbs a resend).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -232,18 +233,21 @@ class Forwarder:
     def _count_delivered(self, items: Sequence[Outgoing], now: float) -> None:
         pixel = self._pixel_label(items[0].pixel_code)
         self.metrics.forwarded.labels(pixel).inc(len(items))
+        # Tallied first: a batch updates each labelled counter once.
+        match_keys: collections.Counter[str] = collections.Counter()
+        keys: collections.Counter[tuple[str, str]] = collections.Counter()
         for item in items:
             self.metrics.merge_wait.observe(max(0.0, now - item.claim.first_seen))
             user = item.body.get("user") or {}
-            for key in MATCH_KEYS:
-                if user.get(key):
-                    self.metrics.match_keys.labels(pixel, key).inc()
+            match_keys.update(key for key in MATCH_KEYS if user.get(key))
             sources = self.metrics.pair_label(item.claim.sources)
             if item.claim.dedup and sources is not None:
                 name = dedup_name(str(item.body.get("event")), self.settings.legacy_aliases)
-                self.metrics.forwarded_keys.labels(
-                    pixel, self.metrics.event_label(name), sources
-                ).inc()
+                keys[self.metrics.event_label(name), sources] += 1
+        for key, count in match_keys.items():
+            self.metrics.match_keys.labels(pixel, key).inc(count)
+        for (event, sources), count in keys.items():
+            self.metrics.forwarded_keys.labels(pixel, event, sources).inc(count)
 
     async def _retry(self, items: Sequence[Outgoing], result: UpstreamResult, batch: str) -> None:
         attempt = max(i.claim.attempts for i in items)

@@ -40,19 +40,26 @@ def _fill(stored: dict[str, Any], copy: dict[str, Any], prefix: str, filled: lis
 
 
 def merge_copies(bodies: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """The merged body of copies given in arrival order; the first copy's values win."""
+    """The merged body of copies given in arrival order; the first copy's values win.
+
+    The bodies are left as they are: a lone copy is its own result, and where there
+    are several, the objects a merge fills are copies.
+    """
     merged: dict[str, Any] = {}
-    for body in bodies:
-        if not merged:
-            merged = _deep_copy(body)
+    for count, body in enumerate(bodies):
+        if count == 0:
+            merged = body
+        elif count == 1:
+            merged = _copy_objects(merged)
+            merge_into(merged, _copy_objects(body))
         else:
-            merge_into(merged, _deep_copy(body))
+            merge_into(merged, _copy_objects(body))
     return merged
 
 
-def _deep_copy(value: Any) -> Any:
+def _copy_objects(value: Any) -> Any:
+    """A copy of every object (dict) in `value`; lists are taken whole by a merge, never
+    changed, so they are shared."""
     if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
+        return {k: _copy_objects(v) for k, v in value.items()}
     return value
