@@ -57,8 +57,46 @@ def process_cpu(pid: int | None) -> float:
     return float(times.user + times.system)
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its descendants (`serve --workers N`: the workers).
+
+    Each live process adds its own time and its exited children's (once waited for),
+    so a worker that exits between two snapshots is still counted."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+# What a role's CPU is read from: one process, several (summed), or a process and its
+# descendants (Tree).
+@dataclass(frozen=True)
+class Tree:
+    pid: int
+
+
+Processes = int | tuple[int, ...] | Tree | None
+
+
+def role_cpu(processes: Processes) -> float:
+    if isinstance(processes, Tree):
+        return tree_cpu(processes.pid)
+    if isinstance(processes, tuple):
+        return sum(process_cpu(pid) for pid in processes)
+    return process_cpu(processes)
+
+
 async def take(
-    pids: dict[str, int | None],
+    pids: dict[str, Processes],
     redis: aioredis.Redis | None,
     probe: tuple[int, Path] | None,
     standin: dict[str, int],
@@ -71,7 +109,7 @@ async def take(
     total = busy + machine.idle + machine.iowait + getattr(machine, "steal", 0.0)
     snap = Snapshot(
         at=time.time(),
-        cpu={role: process_cpu(pid) for role, pid in pids.items()},
+        cpu={role: role_cpu(processes) for role, processes in pids.items()},
         machine_busy=busy,
         machine_total=total,
         machine_steal=getattr(machine, "steal", 0.0),

@@ -225,6 +225,11 @@ def targets_table(r: dict[str, Any]) -> tuple[list[str], list[str]]:
     return rows, reasons
 
 
+def all_phases(r: dict[str, Any]) -> dict[str, Any]:
+    """The rig's phases, then the scale-out's (when the run had them)."""
+    return {**r["phases"], **(r.get("scale_out") or {}).get("phases", {})}
+
+
 def phases_table(r: dict[str, Any]) -> list[str]:
     rows = [
         "| phase | load | events/s | p50 ms | p99 ms | p99.9 ms | target CPU % | client % "
@@ -233,15 +238,16 @@ def phases_table(r: dict[str, Any]) -> list[str]:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: | --- | ---: |",
     ]
-    for name, p in r["phases"].items():
+    for name, p in all_phases(r).items():
         load, win, d = p["load"], p["window"], p["delivery"]
         cpu = win["cpu_percent_of_one_core"]
+        redis = cpu.get("cluster", cpu.get("redis"))  # the cluster's nodes, when it ran
         acked = sum(k["acked_events"] for k in load["kinds"].values())
         cost = win["cpu_s"][p["target"]] / acked * 1000 if acked else None
         how = (f"closed, {load['concurrency']} conns" if load["mode"] == "closed"
                else f"{load['offered_rate']:.0f}/s" + (" actions" if p["workload"] == "mixed"
                                                         else " req"))
-        if p["target"] == "gateway":
+        if p["target"].startswith("gateway"):
             delivered = "exactly once" if d["exactly_once"] else (
                 f"{d['missing']} missing, {d['repeated']} repeated")
         else:
@@ -253,7 +259,7 @@ def phases_table(r: dict[str, Any]) -> list[str]:
             rows.append(
                 f"| {label} | {how} | {_num(k['events_per_s'])} | {_num(lat['p50'])} "
                 f"| {_num(lat['p99'])} | {_num(lat['p99.9'])} | {_num(cpu.get(p['target']))} "
-                f"| {_num(cpu.get('client'))} | {_num(cpu.get('redis'))} "
+                f"| {_num(cpu.get('client'))} | {_num(redis)} "
                 f"| {_num(cpu.get('standin'))} | {_num(win['other_cpu_percent_of_one_core'])} "
                 f"| {_num(win.get('steal_percent_of_one_core'))} "
                 f"| {_num(cost)} | {delivered} | {_num((d.get('slip_ms') or {}).get('p99'))} |"
@@ -274,6 +280,69 @@ def cost_rows(r: dict[str, Any]) -> list[str]:
             f"| {_num(t.get('cost_ratio_b0_to_gateway'))} |"
         )
     return rows
+
+
+SCALE_SETUPS = (  # bench.run's figures key, and how the page names it
+    ("one_process", "1 process (`serve`), one Redis"),
+    ("workers_one_redis", "{n} processes (`serve --workers {n}`), one Redis"),
+    ("workers_cluster", "{n} processes, 3-primary Redis Cluster"),
+)
+
+
+def scale_out_lines(r: dict[str, Any]) -> list[str]:
+    """The scale-out table and what limited it, read off the run."""
+    so = r["figures"]["scale_out"]
+    n = so["workers"]
+    rows = [
+        "| workload | setup | events/s | share of 1 process | gateway CPU % (all its processes) "
+        "| gateway ms CPU / 1,000 events | Redis CPU % | client % | stand-in % | machine busy % "
+        "| delivered |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    busy: list[float] = []
+    others: list[float] = []
+    for w, label in (("pixel", "single-event beacons"), ("server", "100-event batches")):
+        for key, setup in SCALE_SETUPS:
+            x = so[w].get(key)
+            if x is None:
+                continue
+            rows.append(
+                f"| {label} | {setup.format(n=n)} | {_num(x['events_per_s'])} "
+                f"| {_num(x['to_one_process'])} | {_num(x['gateway_cpu_percent'])} "
+                f"| {_num(x['cpu_ms_per_1000_events'])} | {_num(x['redis_cpu_percent'])} "
+                f"| {_num(x['client_cpu_percent'])} | {_num(x['standin_cpu_percent'])} "
+                f"| {_num(x['machine_busy_percent'])} "
+                f"| {'exactly once' if x['exactly_once'] else '**not** exactly once'} |"
+            )
+            if key != "one_process":
+                busy.append(x["machine_busy_percent"] or 0)
+                others.append(x["other_cpu_percent"] or 0)
+    low, high = min(busy, default=0), max(busy, default=0)
+    text = (f"What limits the {n}-process figures on this machine: its two cores are shared "
+            f"by the gateway's {n} processes, Redis (three redis-servers for the cluster), the "
+            f"stand-in and the load generator. In those windows the machine was {low:.0f} to "
+            f"{high:.0f}% busy")
+    if max(others, default=0) >= 25:
+        text += (f", work outside the rig taking up to {max(others):.0f}% of a core (this "
+                 "shared machine's other users)")
+    if low >= 90:
+        text += ", so the second gateway process got what the others left of a core, not a " \
+                "core of its own."
+    else:
+        text += ("; where it was not full, the gateway's processes were not CPU-bound: they "
+                 "also wait on Redis, and each serves only the connections the kernel gave it.")
+    for w in ("pixel", "server"):
+        costs = [(key, (so[w].get(key) or {}).get("cpu_ms_per_1000_events"))
+                 for key, _ in SCALE_SETUPS]
+        if all(cost for _, cost in costs):
+            listed = ", ".join(f"{_num(cost)}" for _, cost in costs)
+            text += (f" Gateway CPU per 1,000 {w} events (1 process, {n} on one Redis, {n} on "
+                     f"the cluster): {listed} ms.")
+    text += (" The CPU per event, not this machine's events/s, is the figure to size hosts by: "
+             "on a host with a core per gateway process, more processes should carry "
+             "proportionally more events until Redis (or the cluster's busiest node) is the "
+             "limit; two cores shared by everything cannot show that.")
+    return [*rows, "", text]
 
 
 def client_check(r: dict[str, Any]) -> list[str]:
@@ -394,6 +463,27 @@ def render(r: dict[str, Any], json_path: Path) -> str:
         *cost_rows(r),
         "",
     ]
+    if "scale_out" in r["figures"]:
+        n = r["figures"]["scale_out"]["workers"]
+        so_version = r["scale_out"].get("redis_version", meta["redis_version"])
+        homes = r["scale_out"].get("shards_per_primary")
+        shards = (f"; `GATEWAY_SHARDS` {r['scale_out']['shards']}, so "
+                  f"{', '.join(map(str, homes))} shards on the three primaries") if homes else ""
+        out += [
+            "## Scaling out",
+            "",
+            f"The saturation phases again, with `tiktok-gateway serve --workers {n}` ({n} "
+            "processes on one port, SO_REUSEPORT) on the same Redis, then on a 3-primary "
+            f"Redis Cluster on loopback (redis-server {so_version}, append-only, "
+            "everysec, like the rig's; `GATEWAY_REDIS_CLUSTER=1`" + shards + "): same load "
+            "generator, same connections, same exactly-once check. The gateway's CPU is the sum "
+            "over its "
+            "processes; Redis CPU is the three nodes' for the cluster. These processes are not "
+            "under `bench.probe`, so no round trips are counted for them.",
+            "",
+            *scale_out_lines(r),
+            "",
+        ]
     out += [
         "## Every phase",
         "",
@@ -496,7 +586,8 @@ def render(r: dict[str, Any], json_path: Path) -> str:
         "",
         "Reproduce: `make bench` (under 10 minutes; installs the `bench` extra), "
         "`make bench-smoke` (half a minute), `python -m bench.memory --keys 1000000` (memory "
-        "alone), "
+        "alone), `python -m bench.run --only scale-out` (the scale-out phases and the "
+        "one-process saturation phases beside them, about two minutes; no page), "
         f"`python -m bench.report {rel}` (this page).",
         "",
     ]

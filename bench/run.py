@@ -15,6 +15,9 @@ Redis), then the phases, the gateway's and B0's interleaved:
     accounting         ingest-only, then forward-only windows: Redis round
                        trips, script calls and CPU per event          gateway
     profile            py-spy on the gateway under each saturating load
+    scale-out          saturation-pixel and -server again, on `tiktok-gateway
+                       serve --workers 2`: on the rig's Redis, then on a
+                       3-primary Redis Cluster (bench.cluster)        gateway2, gateway2-cluster
 
 After each phase the stand-in checks every acknowledged key (exactly once
 for the gateway; at least once for B0), then its ledger and Redis are
@@ -27,6 +30,7 @@ Ctrl-C or SIGTERM; every wait is bounded.
     python -m bench.run                   # full: bench/results/<date>.json, docs/benchmarks.md
     python -m bench.run --smoke           # half a minute of tiny loads, into a temp directory
     python -m bench.run --redis-server /usr/bin/redis-server
+    python -m bench.run --only scale-out  # the gateway's saturation phases and scale-out only
 """
 
 from __future__ import annotations
@@ -58,16 +62,30 @@ import psutil
 import redis.asyncio as aioredis
 
 from bench import counters, memory, profiling
-from bench.common import PIXEL, TOKEN, free_port, python_module, spawn, stop, wait_http
+from bench.cluster import NODES, LocalCluster, primary_of
+from bench.common import (
+    PIXEL,
+    START_SECONDS,
+    TOKEN,
+    free_port,
+    python_module,
+    spawn,
+    stop,
+    wait_http,
+)
 from bench.traffic import DUPLICATE_RATE, NO_ID_RATE
 from gateway.embedded import EmbeddedRedis, find_redis_server
+from gateway.settings import Settings
+from gateway.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 LOAD_EXIT_GRACE = 40.0  # longest wait for a load generator after its window
 DISTURBED = 25.0  # % of one core taken outside the rig (see disturbance) to run a phase again
 BUDGET_SECONDS = 570.0  # the whole run, memory included: under 10 minutes
-RIG_SECONDS = 200.0  # the rig's phases, without reruns, with room to spare
+RIG_SECONDS = 220.0  # the rig's phases, without reruns, with room to spare
+SCALE_WORKERS = 2  # gateway processes in the scale-out phases: one per core of the bench machine
+WORKERS_STOP_SECONDS = 30.0  # longest wait for `serve --workers` to drain and exit
 
 
 @dataclass(frozen=True)
@@ -103,7 +121,8 @@ class Target:
     port: int
     pid: int
     merge_window: float  # 0 for B0: it forwards at once
-    uses_redis: bool
+    uses_redis: bool  # the rig's Redis: its INFO is read at the edges of each window
+    workers: int = 1  # > 1: `serve --workers N`, its CPU is the process tree's
 
 
 def redis_version(binary: str) -> tuple[int, ...]:
@@ -127,6 +146,38 @@ def choose_redis_server() -> str:
     return max(sorted(found), key=redis_version)
 
 
+async def wait_listening(proc: subprocess.Popen[bytes], port: int, workers: int) -> None:
+    """Until `workers` children of `proc` listen on `port` (a worker listens once its app
+    is set up: Redis reached, scripts loaded); at most START_SECONDS."""
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with code {proc.returncode}")
+        listening = 0
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    listening += any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                                     for c in child.net_connections("tcp"))  # fmt: skip
+        if listening >= workers:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{workers} workers did not listen on {port} within {START_SECONDS:g}s")
+
+
+def stop_tree(proc: subprocess.Popen[bytes]) -> None:
+    """Stop `serve --workers` (SIGTERM: it drains and stops its workers, which run in
+    sessions of their own); kill any of its workers still running after that."""
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        workers = []
+    stop(proc, WORKERS_STOP_SECONDS)
+    for worker in workers:
+        with contextlib.suppress(psutil.Error):
+            worker.kill()  # psutil checks it is still the same process
+
+
 def code_fingerprint() -> str:
     """SHA-256 of the gateway's sources, so a result names the code it measured."""
     digest = hashlib.sha256()
@@ -148,6 +199,8 @@ class Rig:
         self.loads: set[subprocess.Popen[bytes]] = set()
         self.redis = EmbeddedRedis(workdir / "redis", port=0, binary=redis_binary)
         self.redis_client: aioredis.Redis | None = None
+        self.redis_url = ""
+        self.cluster: LocalCluster | None = None  # the scale-out phases' Redis Cluster
         self.http: aiohttp.ClientSession | None = None
         self.standin_url = ""
         self.probe_file = workdir / "round_trips.json"
@@ -158,7 +211,7 @@ class Rig:
     # -- processes ------------------------------------------------------------------
 
     async def start(self) -> None:
-        redis_url = await self.redis.start()
+        redis_url = self.redis_url = await self.redis.start()
         self.redis_client = aioredis.Redis.from_url(redis_url)
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         port = free_port()
@@ -167,6 +220,19 @@ class Rig:
         await wait_http(self.standin_url + "/stats", self.procs["standin"])
 
         port = free_port()
+        env = self._gateway_env("gateway", port, redis_url)
+        env["BENCH_PROBE_FILE"] = str(self.probe_file)
+        gateway = self._spawn("gateway", python_module("bench.probe"), env)
+        await wait_http(f"http://127.0.0.1:{port}/readyz", gateway)
+        self.targets["gateway"] = Target("gateway", port, gateway.pid, self.plan.merge_window, True)
+
+        port = free_port()
+        b0 = self._spawn("b0", python_module("bench.baseline", "--port", str(port),
+                                             "--upstream", self.standin_url))
+        await wait_http(f"http://127.0.0.1:{port}/healthz", b0)
+        self.targets["b0"] = Target("b0", port, b0.pid, 0.0, False)
+
+    def _gateway_env(self, name: str, port: int, redis_url: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update(
             GATEWAY_LISTEN=f"127.0.0.1:{port}",
@@ -178,18 +244,9 @@ class Rig:
             GATEWAY_TRUSTED_PROXIES="127.0.0.1/32",
             GATEWAY_PASSTHROUGH="0",
             GATEWAY_LOG_LEVEL="WARNING",
-            GATEWAY_DATA_DIR=str(self.workdir / "gateway"),
-            BENCH_PROBE_FILE=str(self.probe_file),
+            GATEWAY_DATA_DIR=str(self.workdir / name),
         )
-        gateway = self._spawn("gateway", python_module("bench.probe"), env)
-        await wait_http(f"http://127.0.0.1:{port}/readyz", gateway)
-        self.targets["gateway"] = Target("gateway", port, gateway.pid, self.plan.merge_window, True)
-
-        port = free_port()
-        b0 = self._spawn("b0", python_module("bench.baseline", "--port", str(port),
-                                             "--upstream", self.standin_url))
-        await wait_http(f"http://127.0.0.1:{port}/healthz", b0)
-        self.targets["b0"] = Target("b0", port, b0.pid, 0.0, False)
+        return env
 
     def _spawn(
         self, name: str, argv: list[str], env: dict[str, str] | None = None
@@ -198,12 +255,46 @@ class Rig:
         self.procs[name] = proc
         return proc
 
+    async def start_workers(self, name: str, cluster: bool) -> Target:
+        """`tiktok-gateway serve --workers N` on the rig's Redis, or on a fresh 3-primary
+        cluster (started here, the rig's redis-server binary); ready once every worker
+        listens. Not under bench.probe: its round trips are not counted."""
+        if cluster:
+            self.cluster = LocalCluster(self.redis_binary, appendfsync="everysec")
+            await self.cluster.start()
+        port = free_port()
+        env = self._gateway_env(name, port, self.cluster.url if self.cluster else self.redis_url)
+        if cluster:
+            env["GATEWAY_REDIS_CLUSTER"] = "1"
+        argv = python_module("gateway", "serve", "--workers", str(SCALE_WORKERS))
+        proc = self._spawn(name, argv, env)
+        await wait_listening(proc, port, SCALE_WORKERS)
+        await wait_http(f"http://127.0.0.1:{port}/readyz", proc)
+        target = Target(name, port, proc.pid, self.plan.merge_window, uses_redis=not cluster,
+                        workers=SCALE_WORKERS)  # fmt: skip
+        self.targets[name] = target
+        return target
+
+    async def stop_workers(self, name: str) -> None:
+        """Stop `serve --workers` (it drains its workers), then the cluster if there is one."""
+        self.targets.pop(name, None)
+        proc = self.procs.pop(name, None)
+        if proc is not None:
+            await asyncio.to_thread(stop_tree, proc)
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            await cluster.stop()
+
     async def close(self) -> None:
         for proc in list(self.loads):
             stop(proc, 2.0)
+        for name in [n for n in self.procs if n not in ("b0", "gateway", "standin")]:
+            await self.stop_workers(name)
         for name in ("b0", "gateway", "standin"):
             if name in self.procs:
                 stop(self.procs[name])
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.http is not None:
             await self.http.close()
         if self.redis_client is not None:
@@ -215,9 +306,14 @@ class Rig:
     async def snapshot(self, target: Target, client_pid: int | None) -> counters.Snapshot:
         standin = await self._get("/stats")
         # Every process of the rig, idle ones too, so that "other" CPU is only foreign work.
-        pids: dict[str, int | None] = {name: t.pid for name, t in self.targets.items()}
+        pids: dict[str, counters.Processes] = {
+            name: counters.Tree(t.pid) if t.workers > 1 else t.pid
+            for name, t in self.targets.items()
+        }
         pids |= {"redis": self.redis.pid, "standin": self.procs["standin"].pid,
                  "client": client_pid, "orchestrator": os.getpid()}
+        if self.cluster is not None:
+            pids["cluster"] = self.cluster.pids
         return await counters.take(
             pids,
             self.redis_client if target.uses_redis else None,
@@ -313,6 +409,8 @@ class Rig:
         async with self.http.post(self.standin_url + "/reset") as response:
             response.raise_for_status()
         await self.redis_client.flushall()
+        if self.cluster is not None:
+            await self.cluster.flushall()
 
     async def _get(self, path: str) -> dict[str, Any]:
         assert self.http is not None
@@ -335,16 +433,23 @@ def rate_of(result: dict[str, Any], kind: str) -> float:
     return float(result["load"]["kinds"][kind]["requests_per_s"])
 
 
+async def saturation(rig: Rig, plan: Plan, target: Target, workload: str) -> dict[str, Any]:
+    """A closed loop of the plan's connections: the target's throughput."""
+    conc = {"pixel": plan.pixel_concurrency, "server": plan.server_concurrency}
+    return await rig.phase(
+        f"{target.name}-saturation-{workload}", target, workload, "closed",
+        concurrency=conc[workload], warmup=plan.warmup, duration=plan.duration,
+    )  # fmt: skip
+
+
 async def throughput_and_latency(rig: Rig, plan: Plan) -> dict[str, Any]:
     phases: dict[str, Any] = {}
     gateway, b0 = rig.targets["gateway"], rig.targets["b0"]
     conc = {"pixel": plan.pixel_concurrency, "server": plan.server_concurrency}
     for workload in ("pixel", "server"):
         for target in (gateway, b0):
-            phases[f"{target.name}-saturation-{workload}"] = await rig.phase(
-                f"{target.name}-saturation-{workload}", target, workload, "closed",
-                concurrency=conc[workload], warmup=plan.warmup, duration=plan.duration,
-            )  # fmt: skip
+            phases[f"{target.name}-saturation-{workload}"] = await saturation(
+                rig, plan, target, workload)
     for workload in ("pixel", "server"):
         rate = plan.latency_load * rate_of(phases[f"gateway-saturation-{workload}"], workload)
         for target in (gateway, b0):
@@ -484,7 +589,71 @@ async def profile(rig: Rig, plan: Plan) -> dict[str, Any]:
     return out
 
 
+async def scale_out(rig: Rig, plan: Plan) -> dict[str, Any]:
+    """The saturation phases again on `serve --workers 2`: on the rig's Redis, then on a
+    3-primary Redis Cluster; each set of processes runs only for its own phases."""
+    shards = Settings().shards  # the gateways run with the default
+    homes = [primary_of(Store.prefix(shard)) for shard in range(shards)]
+    out: dict[str, Any] = {
+        "workers": SCALE_WORKERS, "cluster_nodes": NODES, "redis_server": rig.redis_binary,
+        "redis_version": ".".join(map(str, redis_version(rig.redis_binary))),
+        "shards": shards, "shards_per_primary": [homes.count(i) for i in range(NODES)],
+        "phases": {},
+    }  # fmt: skip
+    for name, cluster in (("gateway2", False), ("gateway2-cluster", True)):
+        started = time.monotonic()
+        target = await rig.start_workers(name, cluster)
+        print(f"  {name} started in {time.monotonic() - started:.1f} s", flush=True)
+        try:
+            for workload in ("pixel", "server"):
+                out["phases"][f"{name}-saturation-{workload}"] = await saturation(
+                    rig, plan, target, workload)
+        finally:
+            await rig.stop_workers(name)
+    return out
+
+
 # -- figures ----------------------------------------------------------------------------
+
+
+SCALE_SETUPS = (  # figures key, phase name prefix, CPU role of its Redis
+    ("one_process", "gateway", "redis"),
+    ("workers_one_redis", "gateway2", "redis"),
+    ("workers_cluster", "gateway2-cluster", "cluster"),
+)
+
+
+def scale_out_figures(results: dict[str, Any]) -> dict[str, Any]:
+    """Per workload and setup: events/s, the gateway processes' CPU per 1,000 events, and
+    where the machine's CPU went in the window."""
+    phases = {**results["phases"], **results["scale_out"]["phases"]}
+    out: dict[str, Any] = {"workers": results["scale_out"]["workers"]}
+    for w in ("pixel", "server"):
+        rows: dict[str, Any] = {}
+        for key, prefix, redis_role in SCALE_SETUPS:
+            phase = phases.get(f"{prefix}-saturation-{w}")
+            if phase is None:
+                continue
+            win, kind = phase["window"], phase["load"]["kinds"][w]
+            cpu = win["cpu_percent_of_one_core"]
+            acked = kind["acked_events"]
+            rows[key] = {
+                "events_per_s": kind["events_per_s"],
+                "cpu_ms_per_1000_events": round(win["cpu_s"][phase["target"]] / acked * 1e6, 1)
+                if acked else None,
+                "gateway_cpu_percent": cpu.get(phase["target"]),
+                "redis_cpu_percent": cpu.get(redis_role),
+                "client_cpu_percent": cpu.get("client"),
+                "standin_cpu_percent": cpu.get("standin"),
+                "machine_busy_percent": win["machine_busy_percent"],
+                "other_cpu_percent": win["other_cpu_percent_of_one_core"],
+                "exactly_once": phase["delivery"]["exactly_once"],
+            }  # fmt: skip
+        base = rows.get("one_process", {}).get("events_per_s")
+        for row in rows.values():
+            row["to_one_process"] = round(row["events_per_s"] / base, 2) if base else None
+        out[w] = rows
+    return out
 
 
 def _lat(phase: dict[str, Any], kind: str) -> dict[str, float]:
@@ -564,6 +733,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
     out["slip_p99_ms"] = {name: p["delivery"]["slip_ms"]["p99"] for name, p in ph.items()
                           if p["target"] == "gateway" and "slip_ms" in p["delivery"]}
     gateway_phases = [p for p in ph.values() if p["target"] == "gateway"]
+    gateway_phases += list(results.get("scale_out", {}).get("phases", {}).values())
     gateway_phases += [results["accounting"][w] for w in ("pixel", "server")]
     out["exactly_once"] = {
         "all_phases": all(p["delivery"]["exactly_once"] for p in gateway_phases),
@@ -577,6 +747,8 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
     out["memory"] = {k: results["memory"].get(k) for k in (
         "keys", "store_bytes_per_key", "naive_bytes_per_key", "false_drops",
         "missed_duplicates", "redis_version", "mem_allocator")}
+    if "scale_out" in results:
+        out["scale_out"] = scale_out_figures(results)
     return out
 
 
@@ -595,7 +767,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-async def run(plan: Plan, redis_binary: str, workdir: Path, skip_memory: bool) -> dict[str, Any]:
+async def run(
+    plan: Plan, redis_binary: str, workdir: Path, skip_memory: bool, only: str | None = None
+) -> dict[str, Any]:
     started = time.time()
     results: dict[str, Any] = {
         "meta": {
@@ -611,6 +785,8 @@ async def run(plan: Plan, redis_binary: str, workdir: Path, skip_memory: bool) -
     }
     # Memory first: its length depends on the store's cost per key; the rig's phases
     # have fixed lengths, and run again when disturbed only while the budget allows.
+    if only == "scale-out":
+        return await run_scale_out_only(plan, redis_binary, workdir, results, started)
     if not skip_memory:
         print(f"memory: {plan.memory_keys:,} keys through the store", flush=True)
         results["memory"] = await memory.measure(plan.memory_keys, redis_binary)
@@ -628,9 +804,32 @@ async def run(plan: Plan, redis_binary: str, workdir: Path, skip_memory: bool) -
         results["accounting"] = await accounting(rig, plan)
         print("profile", flush=True)
         results["profile"] = await profile(rig, plan)
+        print(f"scale-out: {SCALE_WORKERS} processes", flush=True)
+        results["scale_out"] = await scale_out(rig, plan)
     finally:
         await rig.close()
     results["figures"] = figures(results)
+    results["meta"]["seconds"] = round(time.time() - started, 1)
+    return results
+
+
+async def run_scale_out_only(
+    plan: Plan, redis_binary: str, workdir: Path, results: dict[str, Any], started: float
+) -> dict[str, Any]:
+    """The gateway's saturation phases, then the scale-out phases: no memory, no B0 phases,
+    no report (the figures hold the scale-out's only)."""
+    rig = Rig(workdir, plan, redis_binary)
+    rig.reruns_until = time.monotonic() + BUDGET_SECONDS - RIG_SECONDS
+    try:
+        await rig.start()
+        gateway = rig.targets["gateway"]
+        results["phases"] = {f"gateway-saturation-{w}": await saturation(rig, plan, gateway, w)
+                             for w in ("pixel", "server")}  # fmt: skip
+        print(f"scale-out: {SCALE_WORKERS} processes", flush=True)
+        results["scale_out"] = await scale_out(rig, plan)
+    finally:
+        await rig.close()
+    results["figures"] = {"scale_out": scale_out_figures(results)}
     results["meta"]["seconds"] = round(time.time() - started, 1)
     return results
 
@@ -643,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-report", action="store_true", help="do not write docs/")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--only", choices=["scale-out"],
+                        help="only the gateway's saturation and the scale-out phases (no report)")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     binary = args.redis_server or choose_redis_server()
@@ -650,9 +851,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     if out is None:
         out = (Path(tempfile.gettempdir()) / "tkgw-bench-smoke.json" if args.smoke
+               else Path(tempfile.gettempdir()) / "tkgw-bench-scale-out.json" if args.only
                else RESULTS / f"{datetime.date.today().isoformat()}.json")
     loop_main = asyncio.new_event_loop()
-    task = loop_main.create_task(run(plan, binary, workdir, args.skip_memory))
+    task = loop_main.create_task(run(plan, binary, workdir, args.skip_memory, args.only))
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop_main.add_signal_handler(signum, task.cancel)
     try:
@@ -670,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     print(f"results: {out} ({results['meta']['seconds']:.0f} s)", flush=True)
-    if not args.no_report and not args.smoke:
+    if not args.no_report and not args.smoke and not args.only:
         from bench import report
 
         report.main([str(out)])

@@ -1,87 +1,25 @@
 """A real three-primary Redis Cluster on loopback, for the tests that run on one.
 
-Three `redis-server` processes in cluster mode (no replicas), each in a short
-temporary directory; the 16384 slots are split in three ranges, the nodes meet,
-and the cluster is ready once every node says `cluster_state:ok`.
+The cluster itself is `bench.cluster.LocalCluster` (the bench's scale-out
+phases run on it too); the tests add what they need to break it on purpose:
+waiting for a node that came back, and moving a slot as a resharding would.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import shutil
-import socket
-import tempfile
-from pathlib import Path
 
 import redis.asyncio as aioredis
-from redis.exceptions import MovedError, RedisError
+from redis.exceptions import MovedError
 
-from gateway.embedded import EmbeddedRedis
+from bench import cluster
+from bench.cluster import NODES, READY_TIMEOUT
 
-SLOTS = 16384
-NODES = 3
-BUS_OFFSET = 10_000  # a node's cluster bus listens on its port + 10000
-ADDSLOTS_CHUNK = 1000  # Redis 6.2 has no ADDSLOTSRANGE: many slots per ADDSLOTS instead
-READY_TIMEOUT = 20.0
+__all__ = ["NODES", "LocalCluster"]
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def cluster_port(taken: set[int]) -> int:
-    """A port whose bus port is free too; both stay below 65536 (hence at most 55000)."""
-    for _ in range(200):
-        port = random.randint(20_000, 55_000)
-        if port not in taken and _bindable(port) and _bindable(port + BUS_OFFSET):
-            return port
-    raise RuntimeError("no free port pair for a cluster node")
-
-
-class LocalCluster:
-    """Start, reset and stop a three-primary cluster; `url` points at its first node."""
-
-    def __init__(self) -> None:
-        self.nodes: list[EmbeddedRedis] = []
-        self.dirs: list[Path] = []
-
-    @property
-    def url(self) -> str:
-        return self.nodes[0].url
-
-    @property
-    def urls(self) -> list[str]:
-        return [node.url for node in self.nodes]
-
-    async def start(self) -> None:
-        try:
-            await self._start_nodes()
-            await self._form()
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(node.stop() for node in self.nodes), return_exceptions=True)
-        self.nodes = []
-        for path in self.dirs:
-            shutil.rmtree(path, ignore_errors=True)
-        self.dirs = []
-
-    async def flushall(self) -> None:
-        """Empty every primary: each test starts from a clean cluster."""
-        for url in self.urls:
-            client = aioredis.Redis.from_url(url)
-            try:
-                await client.flushall()
-            finally:
-                await client.aclose()
+class LocalCluster(cluster.LocalCluster):
+    """The bench's cluster, plus the tests' ways of disturbing it."""
 
     async def wait_ok(self) -> None:
         """Until every node says the cluster is whole again (after a node came back)."""
@@ -138,76 +76,6 @@ class LocalCluster:
                 views.append(ports.index(str(exc).rsplit(":", 1)[1]))
         return views[0] if len(set(views)) == 1 else -1
 
-    async def _start_nodes(self) -> None:
-        taken: set[int] = set()
-        for _ in range(NODES):
-            for attempt in range(5):
-                port = cluster_port(taken)
-                data = Path(tempfile.mkdtemp(prefix="gwc"))
-                self.dirs.append(data)
-                node = EmbeddedRedis(
-                    data,
-                    port=port,
-                    appendfsync="no",
-                    extra_args=[
-                        *("--cluster-enabled", "yes"),
-                        *("--cluster-config-file", str(data / "nodes.conf")),
-                        *("--cluster-node-timeout", "2000"),
-                    ],
-                )
-                try:
-                    await node.start()
-                except Exception:  # the port (or its bus port) was taken meanwhile
-                    await node.stop()
-                    if attempt == 4:
-                        raise
-                    continue
-                taken.add(port)
-                self.nodes.append(node)
-                break
-
-    async def _form(self) -> None:
-        clients = [aioredis.Redis.from_url(url) for url in self.urls]
-        try:
-            bounds = [SLOTS * i // NODES for i in range(NODES + 1)]
-            for i, client in enumerate(clients):
-                slots = list(range(bounds[i], bounds[i + 1]))
-                for start in range(0, len(slots), ADDSLOTS_CHUNK):
-                    chunk = slots[start : start + ADDSLOTS_CHUNK]
-                    await client.execute_command("CLUSTER ADDSLOTS", *chunk)
-            first = clients[0]
-            for node in self.nodes[1:]:
-                port = int(node.url.rsplit(":", 1)[1])
-                await first.execute_command("CLUSTER MEET", "127.0.0.1", port)
-            await self._wait_ok(clients)
-        finally:
-            for client in clients:
-                await client.aclose()
-
-    @staticmethod
-    async def _wait_ok(clients: list[aioredis.Redis]) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + READY_TIMEOUT
-        while True:
-            # redis-py parses CLUSTER INFO into a dict of strings.
-            infos = [await _cluster_info(c) for c in clients]
-            if all(
-                i.get("cluster_state") == "ok" and i.get("cluster_known_nodes") == str(NODES)
-                for i in infos
-            ):
-                return
-            if loop.time() > deadline:
-                raise RuntimeError(f"cluster not ready after {READY_TIMEOUT:g}s: {infos}")
-            await asyncio.sleep(0.05)
-
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def _cluster_info(client: aioredis.Redis) -> dict[str, str]:
-    try:
-        info: dict[str, str] = await client.execute_command("CLUSTER INFO")
-    except (RedisError, OSError):  # a node still starting
-        return {}
-    return info

@@ -44,11 +44,12 @@ def test_smoke_run_delivers_exactly_once_and_reports_every_figure(tmp_path: Path
 
     assert fig["exactly_once"]["all_phases"], fig["exactly_once"]
     assert fig["exactly_once"]["acked_keys"] > 0
-    for name, phase in results["phases"].items():
+    phases = {**results["phases"], **results["scale_out"]["phases"]}
+    for name, phase in phases.items():
         delivery = phase["delivery"]
         assert delivery["acked_keys"] > 0, name
         assert delivery["missing"] == 0, (name, delivery)
-        if phase["target"] == "gateway":
+        if phase["target"].startswith("gateway"):
             assert delivery["repeated"] == 0, (name, delivery)
 
     for workload in ("pixel", "server"):
@@ -68,8 +69,15 @@ def test_smoke_run_delivers_exactly_once_and_reports_every_figure(tmp_path: Path
     assert fig["memory"]["naive_bytes_per_key"] > 0
     assert fig["memory"]["false_drops"] == 0
     assert all(v > 0 for v in fig["gateway_cpu_s_per_1000_events"].values())
+    # One process, `serve --workers 2` on the rig's Redis, and on a 3-primary cluster.
+    for workload in ("pixel", "server"):
+        for setup, figures in fig["scale_out"][workload].items():
+            assert figures["events_per_s"] > 0, (workload, setup)
+            assert figures["cpu_ms_per_1000_events"] > 0, (workload, setup)
+        assert len(fig["scale_out"][workload]) == 3
     assert not any(math.isnan(x) for x in _numbers(fig))
 
     page = report.render(results, out)
     assert "## Targets" in page
+    assert "## Scaling out" in page
     assert "not measured" not in page
