@@ -33,6 +33,7 @@ from .store import Claim, Store
 from .upstream import RATE_LIMIT_CODES, EventSender, Outcome, UpstreamResult, retry_delay
 
 log = logging.getLogger("gateway.forwarder")
+WAKE_LINGER = 0.05  # seconds a wake waits for more due events before claiming
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,11 @@ class Forwarder:
             except Exception:
                 log.exception("forwarder iteration failed")
                 forwarded = 0
-            if forwarded == 0 and not self._stopping:
+            # A claim that took a whole batch may have left more due: claim again at once.
+            # Otherwise wait for the next poll, or a wake: under steady load events fall
+            # due all the time, and claiming them as they trickle in would send TikTok
+            # many small requests instead of a few large ones.
+            if forwarded < self.settings.forward_batch_size and not self._stopping:
                 await self._idle(min(self.settings.forward_poll_interval * (1 + failures), 5.0))
 
     def stop(self) -> None:
@@ -135,6 +140,11 @@ class Forwarder:
     async def _idle(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
+        if self._wake.is_set() and not self._stopping:
+            # Woken by a completed pair (or an event without event_id): a moment more lets
+            # the ones arriving meanwhile share this claim and this request to TikTok,
+            # rather than one request each.
+            await asyncio.sleep(min(WAKE_LINGER, seconds))
         self._wake.clear()
 
     async def forward_once(self) -> int:

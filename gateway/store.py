@@ -86,6 +86,8 @@ def _lua(source: str) -> str:
         ("$BOTH_SOURCES", BOTH_SOURCES),
         ("$INGEST_ITEM", INGEST_ITEM),
         ("$RATE_LIMIT_ITEM", RATE_LIMIT_ITEM),
+        ("$ACK_ITEM", ACK_ITEM),
+        ("$RELEASE_ITEM", RELEASE_ITEM),
     ):
         source = source.replace(name, str(value))
     return source
@@ -160,9 +162,10 @@ end
 return out
 """
 
-# KEYS[1] shard due zset
-# ARGV[1] now ms, ARGV[2] lease ms, ARGV[3] limit, ARGV[4] claim token, ARGV[5] shard key prefix
-# Returns one entry per claimed member: {member, t0, src, attempts, nodedup, copy...}.
+# A batched script (see Store._run_batched); KEYS[1] routes the call, as for INGEST.
+# ARGV[1] now ms, ARGV[2] lease ms, ARGV[3] limit per shard, ARGV[4] claim token, then per
+# shard its key prefix.
+# Returns per shard one entry per claimed member: {member, t0, src, attempts, nodedup, copy...}.
 # Reads the members' keys by name; they share the zset's hash tag, so the same slot.
 # (So do ACK, RELEASE, DEAD_LETTER and REPLAY.) Redis Cluster routes a script by its KEYS
 # only; inside it a key not passed in KEYS works as long as this node serves its slot
@@ -171,25 +174,33 @@ return out
 # being migrated key by key, a key already moved reads as absent here (Redis answers
 # TRYAGAIN only for declared keys), so reshard with the gateways stopped.
 CLAIM = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local lease_end = tonumber(ARGV[1]) + tonumber(ARGV[2])
-local out = {}
-for _, member in ipairs(due) do
-  local hk = ARGV[5] .. 'k:' .. member
-  local f = redis.call('HMGET', hk, 'st', 't0', 'src', 'nd')
-  if not f[1] then
-    redis.call('ZREM', KEYS[1], member)
-  else
-    local attempts = redis.call('HINCRBY', hk, 'att', 1)
-    redis.call('HSET', hk, 'st', 'claimed', 'tok', ARGV[4])
-    redis.call('ZADD', KEYS[1], lease_end, member)
-    local entry = {member, f[2], f[3], tostring(attempts), f[4]}
-    for _, copy in ipairs(redis.call('LRANGE', ARGV[5] .. 'c:' .. member, 0, -1)) do
-      entry[#entry + 1] = copy
+local now, lease_end, limit = tonumber(ARGV[1]), tonumber(ARGV[1]) + tonumber(ARGV[2]),
+                              tonumber(ARGV[3])
+
+local function claim(p)
+  local due = redis.call('ZRANGEBYSCORE', p .. 'due', '-inf', now, 'LIMIT', 0, limit)
+  local out = {}
+  for _, member in ipairs(due) do
+    local hk = p .. 'k:' .. member
+    local f = redis.call('HMGET', hk, 'st', 't0', 'src', 'nd')
+    if not f[1] then
+      redis.call('ZREM', p .. 'due', member)
+    else
+      local attempts = redis.call('HINCRBY', hk, 'att', 1)
+      redis.call('HSET', hk, 'st', 'claimed', 'tok', ARGV[4])
+      redis.call('ZADD', p .. 'due', lease_end, member)
+      local entry = {member, f[2], f[3], tostring(attempts), f[4]}
+      for _, copy in ipairs(redis.call('LRANGE', p .. 'c:' .. member, 0, -1)) do
+        entry[#entry + 1] = copy
+      end
+      out[#out + 1] = entry
     end
-    out[#out + 1] = entry
   end
+  return out
 end
+
+local out = {}
+for i = 5, #ARGV do out[#out + 1] = claim(ARGV[i]) end
 return out
 """
 
@@ -223,50 +234,58 @@ local function remember(prefix, member, t0, nd, fp, bucket, sign, now, dedup, ke
 end
 """
 
-# KEYS[1] shard due zset
-# ARGV[1] now ms, ARGV[2] dedup window ms, ARGV[3] claim token, ARGV[4] shard key prefix,
-# ARGV[5] timeline entry or "", ARGV[6] timeline retention ms,
-# ARGV[7..] (member, fingerprint, bucket) triples
-# Forwarded: each member still claimed by this token is forgotten and remembered;
-# returns how many. Safe to repeat: a member no longer claimed is left alone.
+# A batched script (see Store._run_batched); KEYS[1] routes the call, as for INGEST.
+# ARGV[1] now ms, ARGV[2] dedup window ms, ARGV[3] claim token, ARGV[4] timeline entry or "",
+# ARGV[5] timeline retention ms, then per member ACK_ITEM arguments: shard key prefix,
+# member, fingerprint, bucket.
+# Forwarded: each member still claimed by this token is forgotten and remembered; returns
+# 1 per member that was, 0 per member left alone. Safe to repeat: a member no longer
+# claimed is left alone.
+ACK_ITEM = 4
 ACK = REMEMBER + """
 local now = tonumber(ARGV[1])
-local marked = 0
-for i = 7, #ARGV, 3 do
-  local member = ARGV[i]
-  local f = redis.call('HMGET', ARGV[4] .. 'k:' .. member, 'st', 'tok', 't0', 'nd')
+local out = {}
+for i = 6, #ARGV, $ACK_ITEM do
+  local p, member = ARGV[i], ARGV[i + 1]
+  local f = redis.call('HMGET', p .. 'k:' .. member, 'st', 'tok', 't0', 'nd')
   if f[1] == 'claimed' and f[2] == ARGV[3] then
-    marked = marked + 1
-    redis.call('ZREM', KEYS[1], member)
-    remember(ARGV[4], member, tonumber(f[3]), f[4], ARGV[i + 1], ARGV[i + 2], 1, now,
-             tonumber(ARGV[2]), tonumber(ARGV[6]), ARGV[5])
+    redis.call('ZREM', p .. 'due', member)
+    remember(p, member, tonumber(f[3]), f[4], ARGV[i + 2], ARGV[i + 3], 1, now,
+             tonumber(ARGV[2]), tonumber(ARGV[5]), ARGV[4])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
   end
 end
-return marked
+return out
 """
 
-# KEYS[1] shard due zset
-# ARGV[1] claim token, ARGV[2] shard key prefix, ARGV[3] next attempt ms,
-# ARGV[4] timeline entry or "", ARGV[5..] members
-# Puts members still claimed by this token back in the queue for a later attempt.
+# A batched script (see Store._run_batched); KEYS[1] routes the call, as for INGEST.
+# ARGV[1] claim token, ARGV[2] next attempt ms, ARGV[3] timeline entry or "", then per
+# member RELEASE_ITEM arguments: shard key prefix, member.
+# Puts members still claimed by this token back in the queue for a later attempt; returns
+# 1 per member put back, 0 per member left alone.
+RELEASE_ITEM = 2
 RELEASE = """
-local released = 0
-for i = 5, #ARGV do
-  local member = ARGV[i]
-  local hk = ARGV[2] .. 'k:' .. member
+local out = {}
+for i = 4, #ARGV, $RELEASE_ITEM do
+  local p, member = ARGV[i], ARGV[i + 1]
+  local hk = p .. 'k:' .. member
   local f = redis.call('HMGET', hk, 'st', 'tok')
   if f[1] == 'claimed' and f[2] == ARGV[1] then
-    released = released + 1
-    redis.call('HSET', hk, 'st', 'retry', 'due', ARGV[3])
+    redis.call('HSET', hk, 'st', 'retry', 'due', ARGV[2])
     redis.call('HDEL', hk, 'tok')
-    redis.call('ZADD', KEYS[1], ARGV[3], member)
-    if ARGV[4] ~= '' then
-      redis.call('RPUSH', ARGV[2] .. 't:' .. member, ARGV[4])
-      redis.call('LTRIM', ARGV[2] .. 't:' .. member, 0, $TIMELINE_MAX - 1)
+    redis.call('ZADD', p .. 'due', ARGV[2], member)
+    if ARGV[3] ~= '' then
+      redis.call('RPUSH', p .. 't:' .. member, ARGV[3])
+      redis.call('LTRIM', p .. 't:' .. member, 0, $TIMELINE_MAX - 1)
     end
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
   end
 end
-return released
+return out
 """
 
 # KEYS[1] shard due zset, KEYS[2] shard dead-letter stream, KEYS[3] key hash
@@ -534,17 +553,13 @@ class Store:
     async def claim(self, now: float, limit: int, lease: float) -> list[Claim]:
         """Claim up to `limit` due events per shard, each for `lease` seconds."""
         token = uuid.uuid4().hex
-        now_ms = int(now * 1000)
-        calls = [
-            (
-                "claim",
-                (f"{self.prefix(shard)}due",),
-                (now_ms, int(lease * 1000), limit, token, self.prefix(shard)),
-            )
+        common = (int(now * 1000), int(lease * 1000), limit, token)
+        items = [
+            BatchItem("claim", f"{self.prefix(shard)}due", common, (self.prefix(shard),))
             for shard in range(self.shards)
         ]
         # Partial: on a cluster with one primary away, the others' shards still forward.
-        replies = await self._run(calls, partial=True)
+        replies = await self._run_batched(items, partial=True)
         failed = [shard for shard, r in enumerate(replies) if isinstance(r, Exception)]
         # Said once a minute at most: the forwarder polls several times a second.
         if failed and time.monotonic() - self._claim_warned_at > 60.0:
@@ -561,7 +576,6 @@ class Store:
                 continue
             for entry in entries:
                 member, t0, src, attempts, nodedup = (_text(x) for x in entry[:5])
-                copies = entry[5:]
                 claims.append(
                     Claim(
                         member=member,
@@ -571,7 +585,7 @@ class Store:
                         sources=frozenset(s for s in SOURCES if int(src) & SOURCE_BITS[s]),
                         attempts=int(attempts),
                         dedup=nodedup != "1",
-                        copies=[orjson.loads(c) for c in copies],
+                        copies=[orjson.loads(c) for c in entry[5:]],
                     )
                 )
         return claims
@@ -585,44 +599,26 @@ class Store:
         entry.setdefault("at", round(now, 3))
         if request_id:
             entry.setdefault("request_id", request_id)
-        timeline = orjson.dumps(entry)
-        calls = [
-            (
-                "ack",
-                (f"{self.prefix(shard)}due",),
-                (
-                    int(now * 1000),
-                    self.dedup_window_ms,
-                    token,
-                    self.prefix(shard),
-                    timeline if self.timeline else b"",
-                    self.timeline_retention_ms,
-                    *(x for member in members for x in (member, *self.fingerprint(member))),
-                ),
-            )
-            for (shard, token), members in _group(claims).items()
-        ]
-        return sum(int(r) for r in await self._run(calls))
+        timeline = orjson.dumps(entry) if self.timeline else b""
+        items = []
+        for claim in claims:
+            prefix = self.prefix(claim.shard)
+            common = (int(now * 1000), self.dedup_window_ms, claim.token, timeline,
+                      self.timeline_retention_ms)  # fmt: skip
+            args = (prefix, claim.member, *self.fingerprint(claim.member))
+            items.append(BatchItem("ack", f"{prefix}due", common, args))
+        return sum(int(r) for r in await self._run_batched(items))
 
     async def release(
         self, claims: Sequence[Claim], retry_at: float, timeline: bytes = b""
     ) -> int:
         """Give claims back to the queue, due again at `retry_at`."""
-        calls = [
-            (
-                "release",
-                (f"{self.prefix(shard)}due",),
-                (
-                    token,
-                    self.prefix(shard),
-                    int(retry_at * 1000),
-                    timeline if self.timeline else b"",
-                    *members,
-                ),
-            )
-            for (shard, token), members in _group(claims).items()
-        ]
-        return sum(int(r) for r in await self._run(calls))
+        items = []
+        for claim in claims:
+            prefix = self.prefix(claim.shard)
+            common = (claim.token, int(retry_at * 1000), timeline if self.timeline else b"")
+            items.append(BatchItem("release", f"{prefix}due", common, (prefix, claim.member)))
+        return sum(int(r) for r in await self._run_batched(items))
 
     async def dead_letter(
         self, claim: Claim, letter: dict[str, Any], now: float, timeline: bytes = b""
@@ -820,9 +816,12 @@ class Store:
                     future.set_result(replies[start : start + len(items)])
                 start += len(items)
 
-    async def _run_batched(self, items: Sequence[BatchItem]) -> list[Any]:
-        """Items grouped into script calls (at most BATCH_CALL_MAX items each) in one
-        pipeline; one reply per item, in order."""
+    async def _run_batched(
+        self, items: Sequence[BatchItem], *, partial: bool = False
+    ) -> list[Any]:
+        """Items grouped into script calls (one per script, slot and common arguments, of
+        at most BATCH_CALL_MAX items) in one pipeline; one reply per item, in order.
+        With `partial`, the items of a call that failed get its exception (see `_run`)."""
         cluster = isinstance(self.client, RedisCluster)
         groups: dict[tuple[str, int, tuple[Any, ...]], list[int]] = {}
         for i, item in enumerate(items):
@@ -838,9 +837,10 @@ class Store:
             for script, common, chunk in chunks
         ]
         replies: list[Any] = [None] * len(items)
-        for (_script, _common, chunk), reply in zip(chunks, await self._run(calls), strict=True):
-            for i, item_reply in zip(chunk, reply, strict=True):
-                replies[i] = item_reply
+        results = await self._run(calls, partial=partial)
+        for (_script, _common, chunk), result in zip(chunks, results, strict=True):
+            for j, i in enumerate(chunk):
+                replies[i] = result if isinstance(result, Exception) else result[j]
         return replies
 
     async def _run(self, calls: Sequence[ScriptCall], *, partial: bool = False) -> list[Any]:
@@ -1016,13 +1016,6 @@ def _attempts(timeline: list[dict[str, Any]]) -> int:
     if final and "attempts" in final[-1]:
         return int(final[-1]["attempts"])
     return sum(e.get("outcome") in ATTEMPT_OUTCOMES for e in timeline)
-
-
-def _group(claims: Sequence[Claim]) -> dict[tuple[int, str], list[str]]:
-    groups: dict[tuple[int, str], list[str]] = {}
-    for claim in claims:
-        groups.setdefault((claim.shard, claim.token), []).append(claim.member)
-    return groups
 
 
 def _text(value: Any) -> str:

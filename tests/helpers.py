@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -86,6 +87,16 @@ async def post_browser(
         answer: dict[str, Any] = await resp.json()
         answer["_status"] = resp.status
         return answer
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    """Until `predicate()` holds (a metric counted, a line logged); fails after `within`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"waited {within}s for {what}")
+        await asyncio.sleep(0.02)
 
 
 async def wait_drained(gateway: Gateway, dead_letters: int = 0) -> None:

@@ -9,7 +9,7 @@ import aiohttp
 from gateway.forwarder import Pacer, build_outgoing
 from gateway.store import Claim
 from tests.conftest import PIXEL, GatewayFactory
-from tests.helpers import post_server, server_event, wait_drained
+from tests.helpers import post_server, server_event, wait_drained, wait_for
 from tests.tiktok_stub import Answer, TikTokStub
 
 
@@ -75,7 +75,10 @@ async def test_one_poison_event_is_isolated_and_its_batch_mates_delivered(
     assert letter.letter["event"]["event_id"] == "poison-7"
     assert letter.letter["code"] == 40002
     assert "event_id" in letter.letter["message"]
-    assert gateway.metric("gateway_events_dead_lettered_total", {"reason": "rejected"}) == 1
+    await wait_for(
+        lambda: gateway.metric("gateway_events_dead_lettered_total", {"reason": "rejected"}) == 1,
+        "the poison event counted as dead-lettered",
+    )
 
 
 async def test_token_errors_are_dead_lettered_not_retried(
@@ -85,9 +88,13 @@ async def test_token_errors_are_dead_lettered_not_retried(
     gateway = await make_gateway(merge_window=0.1)
     await post_server(http, gateway.url, [server_event("auth-1"), server_event("auth-2")])
     await wait_drained(gateway, 2)
+    # Counted once Redis has the letter: a moment after the drain shows it.
+    await wait_for(
+        lambda: gateway.metric("gateway_events_dead_lettered_total", {"reason": "auth"}) == 2,
+        "both events counted as dead-lettered",
+    )
     assert len(tiktok.track_requests()) == 1
     assert gateway.metric("gateway_upstream_auth_failures_total", {"pixel": PIXEL}) == 1
-    assert gateway.metric("gateway_events_dead_lettered_total", {"reason": "auth"}) == 2
 
 
 async def test_events_too_old_to_send_are_dead_lettered(

@@ -43,6 +43,7 @@ from tests.helpers import (
     server_event,
     sha256,
     wait_drained,
+    wait_for,
 )
 from tests.tiktok_stub import Answer, TikTokStub
 
@@ -153,15 +154,6 @@ async def wait_ready(http: aiohttp.ClientSession, gateway: Gateway, within: floa
         if loop.time() > deadline:
             raise AssertionError(f"/readyz still not 200 after {within}s")
         await asyncio.sleep(0.05)
-
-
-async def wait_for(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"waited {within}s for {what}")
-        await asyncio.sleep(0.02)
 
 
 def forwarder_task() -> asyncio.Task[Any]:
@@ -416,7 +408,11 @@ async def test_a_batch_in_flight_when_redis_dies_is_sent_again_after_its_lease(
             lambda: "could not record a batch's outcome" in caplog.text,
             "the forwarder to fail the acknowledgement",
         )
-    assert gateway.metric("gateway_redis_errors_total") >= 1
+        # Its next claim, at the next poll, finds Redis away too.
+        await wait_for(
+            lambda: gateway.metric("gateway_redis_errors_total") >= 1,
+            "the forwarder to count Redis away",
+        )
 
     await own.restart()
     events = await tiktok.wait_for_events(2 * len(ids), timeout=lease + 10.0)
