@@ -35,13 +35,13 @@ Fingerprints are 64 bits of BLAKE2b of the member, in a bucket chosen by 16
 further bits: two keys collide, and the later is wrongly dropped, with
 probability about (remembered keys in its bucket) / 2**64, i.e. below 1e-17
 per event even at hundreds of events per bucket.
-Outside the shards, the browser endpoint's rate limit (see RATE_LIMIT):
+The browser endpoint's rate limit (see RATE_LIMIT), in the shard of the client address:
 
-    tkgw:rl:{<client>}    STRING one client address's (an IPv6 /64's) theoretical arrival
+    tkgw:{N}:rl:<client>  STRING one client address's (an IPv6 /64's) theoretical arrival
                                 time in ms (GCRA). Shared, so the limit holds across gateway
-                                instances; the client is the hash tag, so clients spread over a
-                                cluster's slots. Expires when its burst is whole again: an idle
-                                client costs nothing.
+                                instances; in shards, so the counts of concurrent requests go
+                                in one script call per shard. Expires when its burst is whole
+                                again: an idle client costs nothing.
 """
 
 from __future__ import annotations
@@ -494,6 +494,10 @@ class Store:
         p = self.prefix(self.shard_of(member))
         return f"{p}k:{member}", f"{p}c:{member}", f"{p}due", f"{p}t:{member}"
 
+    def rate_key(self, client: str) -> str:
+        """The browser rate limit's counter of one client address (see RATE_LIMIT)."""
+        return f"{self.prefix(self.shard_of(client))}rl:{client}"
+
     def dead_key(self, shard: int) -> str:
         return f"{self.prefix(shard)}dead"
 
@@ -760,7 +764,7 @@ class Store:
     async def rate_limit(self, client: str, now: float, rate: float, burst: int) -> float:
         """Count a request of `client` against `rate` a second with bursts of `burst`, shared
         by every instance; 0.0 when it may go ahead, else the seconds to wait. One round trip."""
-        key = f"tkgw:rl:{{{client}}}"
+        key = self.rate_key(client)
         item = BatchItem("rate_limit", key, (1000.0 / rate, burst), (key, int(now * 1000)))
         [wait_ms] = await self._shared([item])
         return int(wait_ms) / 1000

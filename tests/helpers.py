@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,11 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import PIXEL, TOKEN, Gateway
+
+
+def is_rate_counter(key: bytes) -> bool:
+    """A browser rate-limit counter (`tkgw:{N}:rl:<client>`): it counts refused requests too."""
+    return re.match(rb"tkgw:\{\d+\}:rl:", key) is not None
 
 
 def sha256(value: str) -> str:

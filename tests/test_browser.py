@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import PIXEL, PIXEL2, Gateway, GatewayFactory
-from tests.helpers import browser_event, post_browser
+from tests.helpers import browser_event, is_rate_counter, post_browser
 from tests.tiktok_stub import TikTokStub
 
 SHOP = "https://shop.example.com"
@@ -37,7 +37,7 @@ async def wait_drained(gateway: Gateway) -> None:
 
 async def event_keys(redis_client: aioredis.Redis) -> list[bytes]:
     """The gateway's keys but the rate limit's counters (which count refused requests too)."""
-    return [k for k in await redis_client.keys("tkgw:*") if not k.startswith(b"tkgw:rl:")]
+    return [k for k in await redis_client.keys("tkgw:*") if not is_rate_counter(k)]
 
 
 async def send(

@@ -1,6 +1,6 @@
 """The browser endpoint's rate limit: per client, kept in Redis, so it holds across instances.
 
-One GCRA counter per client address (an IPv6 /64), `tkgw:rl:{client}`, changed by
+One GCRA counter per client address (an IPv6 /64), `tkgw:{shard}:rl:<client>`, changed by
 one Lua script in one round trip; a refused request is answered 429 with
 Retry-After and stores nothing.
 """
@@ -113,7 +113,7 @@ async def test_redis_unreachable_is_503_not_a_free_pass(
 # -- the store's counter ---------------------------------------------------------------------
 
 
-async def test_the_counter_is_one_key_under_the_clients_hash_tag_and_expires(
+async def test_the_counter_is_one_key_in_the_clients_shard_and_expires(
     redis_client: aioredis.Redis,
 ) -> None:
     store = Store(redis_client)
@@ -123,9 +123,10 @@ async def test_the_counter_is_one_key_under_the_clients_hash_tag_and_expires(
     assert await store.rate_limit("198.51.100.7", now, 2.0, 3) == pytest.approx(0.5)
     assert await store.rate_limit("198.51.100.7", now + 0.25, 2.0, 3) == pytest.approx(0.25)
     assert await store.rate_limit("198.51.100.7", now + 0.5, 2.0, 3) == 0
-    assert await redis_client.keys("*") == [b"tkgw:rl:{198.51.100.7}"]
+    key = f"tkgw:{{{store.shard_of('198.51.100.7')}}}:rl:198.51.100.7"
+    assert await redis_client.keys("*") == [key.encode()]
     # Forgotten once the burst would be whole again: an idle client costs nothing.
-    ttl_ms = await redis_client.pttl("tkgw:rl:{198.51.100.7}")
+    ttl_ms = await redis_client.pttl(key)
     assert 0 < ttl_ms <= 2000
 
 
