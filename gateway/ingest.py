@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import hmac
 import ipaddress
 import logging
@@ -242,14 +243,22 @@ def _https(request: web.Request, settings: Settings) -> bool:
     if request.secure:
         return True
     peer = request.remote
-    try:
-        trusted = peer is not None and any(
-            ipaddress.ip_address(peer) in net for net in settings.trusted_proxies
-        )
-    except ValueError:
-        return False
+    trusted = peer is not None and is_trusted_proxy(peer, settings.trusted_proxies)
     proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
     return trusted and proto == "https"
+
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+@functools.lru_cache(maxsize=4096)  # the same proxies ask again and again
+def is_trusted_proxy(address: str, proxies: Networks) -> bool:
+    """Whether `address` is one of our proxies; False for a hop that is no address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in proxies)
 
 
 async def browser_preflight(request: web.Request) -> web.Response:
@@ -295,10 +304,11 @@ async def cors_middleware(
     ):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Allow-Credentials"] = "true"
-        response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = "Content-Type"
-        response.headers["Access-Control-Max-Age"] = "600"
         response.headers["Vary"] = "Origin"
+        if request.method == "OPTIONS":  # browsers read these on a preflight only
+            response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+            response.headers["Access-Control-Max-Age"] = "600"
     return response
 
 
@@ -312,11 +322,7 @@ def client_address(request: web.Request, settings: Settings) -> str | None:
         hops[:0] = [h.strip() for h in header.split(",") if h.strip()]
     # Walk from the nearest hop back while it is one of our proxies.
     for hop in reversed(hops):
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
-            return hop
-        if not any(address in net for net in settings.trusted_proxies):
+        if not is_trusted_proxy(hop, settings.trusted_proxies):
             return hop
     return hops[0]
 
@@ -351,6 +357,8 @@ async def read_body(request: web.Request, settings: Settings) -> bytes:
     aiohttp has no deadline for a body of its own; without one a client sending a
     byte a second holds a connection (and the memory read so far) for as long as it likes.
     """
+    if request.content.is_eof():  # all of it arrived with the headers (most beacons)
+        return await request.read()
     try:
         async with asyncio.timeout(settings.body_timeout):
             return await request.read()
