@@ -40,6 +40,7 @@ from .errors import (
 from .events import Event, Source, ttclid_from_url
 from .forwarder import Forwarder
 from .metrics import WARNING_KINDS, Metrics
+from .pii import is_plain_ipv4
 from .settings import Settings
 from .store import IngestResult, IngestStatus, Store
 
@@ -192,6 +193,8 @@ def rate_key(address: str | None) -> str:
     network: a client holding a /64 must not get 2**64 separate budgets)."""
     if not address:
         return "unknown"
+    if is_plain_ipv4(address):
+        return address
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:  # a proxy's odd hop: counted as itself, made safe for a key

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -153,6 +154,8 @@ def normalise_ip(value: str) -> str | None:
     text = value.strip()
     if not text:
         return None
+    if is_plain_ipv4(text):
+        return text
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -162,6 +165,16 @@ def normalise_ip(value: str) -> str | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)
+
+
+def is_plain_ipv4(text: str) -> bool:
+    """A dotted quad already in canonical form (no leading zeros), checked in C: most
+    addresses, and several times cheaper than `ipaddress` for the same answer."""
+    try:
+        socket.inet_pton(socket.AF_INET, text)
+    except (OSError, ValueError):  # ValueError: a NUL, or a character no codec takes
+        return False
+    return True
 
 
 def normalise_att_status(value: str) -> str | None:

@@ -35,13 +35,19 @@ Fingerprints are 64 bits of BLAKE2b of the member, in a bucket chosen by 16
 further bits: two keys collide, and the later is wrongly dropped, with
 probability about (remembered keys in its bucket) / 2**64, i.e. below 1e-17
 per event even at hundreds of events per bucket.
+
 The browser endpoint's rate limit (see RATE_LIMIT), in the shard of the client address:
 
     tkgw:{N}:rl:<client>  STRING one client address's (an IPv6 /64's) theoretical arrival
                                 time in ms (GCRA). Shared, so the limit holds across gateway
-                                instances; in shards, so the counts of concurrent requests go
-                                in one script call per shard. Expires when its burst is whole
-                                again: an idle client costs nothing.
+                                instances. Expires when its burst is whole again: an idle
+                                client costs nothing.
+
+The busy scripts (INGEST, RATE_LIMIT, CLAIM, ACK, RELEASE) are *batched*: one call
+takes many items (copies, requests, shards, members), each touching the keys of its
+own shard. Items of one script and one slot share a call: on one Redis that is every
+item, on a cluster one call per slot. Concurrent requests queue their items and go
+to Redis together (`Store._shared`): one round trip and a few script calls for all.
 """
 
 from __future__ import annotations
@@ -425,7 +431,7 @@ class DeadLetter:
 
 
 class Store:
-    """The gateway's state in Redis; every change is one script on one hash slot."""
+    """The gateway's state in Redis; every change is one atomic script call."""
 
     def __init__(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from gateway.pii import (
     WARNING_KINDS,
     Dropped,
     e164,
+    is_plain_ipv4,
     is_sha256_hex,
     normalise_att_status,
     normalise_email,
@@ -180,6 +182,32 @@ def test_invalid_ip_dropped(bad: str) -> None:
     with pytest.raises(Dropped) as exc:
         normalise_ip(bad)
     assert exc.value.kind == INVALID_IP
+
+
+@st.composite
+def address_like(draw: st.DrawFn) -> str:
+    """Dotted quads with odd octets (leading zeros, too large, signs), and any text."""
+    octet = st.one_of(
+        st.integers(0, 255).map(str),
+        st.integers(0, 999).map(lambda n: f"{n:03d}"),
+        st.sampled_from(["", "-1", "+1", "0x1", "1 ", "\x00", "\u0661"]),
+    )
+    quad = st.lists(octet, min_size=3, max_size=5).map(".".join)
+    return draw(st.one_of(quad, st.text(max_size=20)))
+
+
+@given(address_like())
+@settings(max_examples=500)
+def test_the_ipv4_fast_path_agrees_with_ipaddress(text: str) -> None:
+    try:
+        expected: str | Exception = str(ipaddress.ip_address(text.strip()))
+    except ValueError as exc:
+        expected = exc
+    if is_plain_ipv4(text):
+        assert normalise_ip(text) == expected == text
+    elif text.strip() and isinstance(expected, Exception):
+        with pytest.raises(Dropped):
+            normalise_ip(text)
 
 
 def test_att_status() -> None:
