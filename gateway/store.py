@@ -85,6 +85,18 @@ BATCH_CALL_MAX = 250  # items in one batched script call: Redis runs nothing els
 TIMELINE_MAX = 100  # entries kept per key; a flood of duplicates must not grow it without bound
 
 
+# Lua shared by every script that writes a timeline: append one line, and trim only
+# once the cap is passed (most timelines stay far below it). RPUSHX appends only to a
+# timeline that exists, so one already expired does not come back without a TTL.
+TIMELINE_APPEND = """
+local function timeline_append(tl, line, push)
+  if redis.call(push or 'RPUSH', tl, line) > $TIMELINE_MAX then
+    redis.call('LTRIM', tl, 0, $TIMELINE_MAX - 1)
+  end
+end
+"""
+
+
 def _lua(source: str) -> str:
     """Write the Python constants a script uses into its source."""
     for name, value in (
@@ -109,21 +121,20 @@ def _lua(source: str) -> str:
 # duplicate. Copies of one key in one call are taken in order, as if sent one by one.
 # Retried after a timeout, a copy may be stored twice; merging it again changes nothing.
 INGEST_ITEM = 9
-INGEST = """
+INGEST = TIMELINE_APPEND + """
 local merge_ms, early, dedup_ms = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
 
 local function log(tl, entry, outcome, push)
   if entry ~= '' then
     local rest = string.sub(entry, 2)
     if not string.find(rest, '^%s*}') then rest = ',' .. rest end  -- no comma before '}' of {}
-    redis.call(push, tl, '{"outcome":"' .. outcome .. '"' .. rest)
-    redis.call('LTRIM', tl, 0, $TIMELINE_MAX - 1)
+    timeline_append(tl, '{"outcome":"' .. outcome .. '"' .. rest, push)
   end
 end
 
 local function ingest(p, member, now, source, copy, entry, nodedup, fp, bucket)
   local hk, ck, tl = p .. 'k:' .. member, p .. 'c:' .. member, p .. 't:' .. member
-  local state = redis.call('HMGET', hk, 'st', 'src', 't0')
+  local state = redis.call('HMGET', hk, 'st', 'src', 't0', 'n')
   if not state[1] then
     -- Events without event_id have a key of their own: nothing to look up.
     local until_s = nodedup ~= '1' and tonumber(redis.call('HGET', p .. 'r:' .. bucket, fp))
@@ -147,15 +158,15 @@ local function ingest(p, member, now, source, copy, entry, nodedup, fp, bucket)
     return {'duplicate', state[3]}
   end
   local src = bit.bor(tonumber(state[2]), source)
-  redis.call('HSET', hk, 'src', src)
-  redis.call('HINCRBY', hk, 'n', 1)
+  local copies = (tonumber(state[4]) or 0) + 1
   redis.call('RPUSH', ck, copy)
   if src == $BOTH_SOURCES and early then
-    redis.call('HSET', hk, 'due', now)
+    redis.call('HSET', hk, 'src', src, 'n', copies, 'due', now)
     redis.call('ZADD', p .. 'due', 'LT', now, member)
     log(tl, entry, 'complete', 'RPUSH')
     return {'complete', state[3]}
   end
+  redis.call('HSET', hk, 'src', src, 'n', copies)
   log(tl, entry, 'merged', 'RPUSH')
   return {'merged', state[3]}
 end
@@ -188,12 +199,12 @@ local function claim(p)
   local out = {}
   for _, member in ipairs(due) do
     local hk = p .. 'k:' .. member
-    local f = redis.call('HMGET', hk, 'st', 't0', 'src', 'nd')
+    local f = redis.call('HMGET', hk, 'st', 't0', 'src', 'nd', 'att')
     if not f[1] then
       redis.call('ZREM', p .. 'due', member)
     else
-      local attempts = redis.call('HINCRBY', hk, 'att', 1)
-      redis.call('HSET', hk, 'st', 'claimed', 'tok', ARGV[4])
+      local attempts = (tonumber(f[5]) or 0) + 1
+      redis.call('HSET', hk, 'st', 'claimed', 'tok', ARGV[4], 'att', attempts)
       redis.call('ZADD', p .. 'due', lease_end, member)
       local entry = {member, f[2], f[3], tostring(attempts), f[4]}
       for _, copy in ipairs(redis.call('LRANGE', p .. 'c:' .. member, 0, -1)) do
@@ -212,11 +223,11 @@ return out
 
 # Lua shared by ACK and DEAD_LETTER: forget a pending key's state and remember its
 # fingerprint until first copy + dedup window; keep its timeline for the retention.
-# remember(prefix, member, t0 ms, nodedup, fingerprint, bucket, sign, now ms, dedup ms,
-#          timeline retention ms, timeline entry)
-REMEMBER = """
-local function remember(prefix, member, t0, nd, fp, bucket, sign, now, dedup, keep, entry)
-  local attempts = redis.call('HGET', prefix .. 'k:' .. member, 'att') or '0'
+# remember(prefix, member, t0 ms, nodedup, attempts, fingerprint, bucket, sign, now ms,
+#          dedup ms, timeline retention ms, timeline entry)
+REMEMBER = TIMELINE_APPEND + """
+local function remember(prefix, member, t0, nd, attempts, fp, bucket, sign, now, dedup, keep,
+                        entry)
   local tl = prefix .. 't:' .. member
   redis.call('DEL', prefix .. 'k:' .. member, prefix .. 'c:' .. member)
   local expire_at = t0 + dedup
@@ -233,8 +244,7 @@ local function remember(prefix, member, t0, nd, fp, bucket, sign, now, dedup, ke
     -- The attempts are known only here, before the key's state goes.
     local rest = string.sub(entry, 2)
     if not string.find(rest, '^%s*}') then rest = ',' .. rest end
-    redis.call('RPUSH', tl, '{"attempts":' .. attempts .. rest)
-    redis.call('LTRIM', tl, 0, $TIMELINE_MAX - 1)
+    timeline_append(tl, '{"attempts":' .. (attempts or '0') .. rest)
   end
   redis.call('PEXPIREAT', tl, math.min(expire_at, now + keep))
 end
@@ -253,10 +263,10 @@ local now = tonumber(ARGV[1])
 local out = {}
 for i = 6, #ARGV, $ACK_ITEM do
   local p, member = ARGV[i], ARGV[i + 1]
-  local f = redis.call('HMGET', p .. 'k:' .. member, 'st', 'tok', 't0', 'nd')
+  local f = redis.call('HMGET', p .. 'k:' .. member, 'st', 'tok', 't0', 'nd', 'att')
   if f[1] == 'claimed' and f[2] == ARGV[3] then
     redis.call('ZREM', p .. 'due', member)
-    remember(p, member, tonumber(f[3]), f[4], ARGV[i + 2], ARGV[i + 3], 1, now,
+    remember(p, member, tonumber(f[3]), f[4], f[5], ARGV[i + 2], ARGV[i + 3], 1, now,
              tonumber(ARGV[2]), tonumber(ARGV[5]), ARGV[4])
     out[#out + 1] = 1
   else
@@ -272,7 +282,7 @@ return out
 # Puts members still claimed by this token back in the queue for a later attempt; returns
 # 1 per member put back, 0 per member left alone.
 RELEASE_ITEM = 2
-RELEASE = """
+RELEASE = TIMELINE_APPEND + """
 local out = {}
 for i = 4, #ARGV, $RELEASE_ITEM do
   local p, member = ARGV[i], ARGV[i + 1]
@@ -282,10 +292,7 @@ for i = 4, #ARGV, $RELEASE_ITEM do
     redis.call('HSET', hk, 'st', 'retry', 'due', ARGV[2])
     redis.call('HDEL', hk, 'tok')
     redis.call('ZADD', p .. 'due', ARGV[2], member)
-    if ARGV[3] ~= '' then
-      redis.call('RPUSH', p .. 't:' .. member, ARGV[3])
-      redis.call('LTRIM', p .. 't:' .. member, 0, $TIMELINE_MAX - 1)
-    end
+    if ARGV[3] ~= '' then timeline_append(p .. 't:' .. member, ARGV[3]) end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -302,11 +309,11 @@ return out
 # entry id, or false when the claim was lost. Later copies stay dropped until it is
 # replayed or forgotten.
 DEAD_LETTER = REMEMBER + """
-local f = redis.call('HMGET', KEYS[3], 'st', 'tok', 't0', 'nd')
+local f = redis.call('HMGET', KEYS[3], 'st', 'tok', 't0', 'nd', 'att')
 if f[1] ~= 'claimed' or f[2] ~= ARGV[2] then return false end
 local id = redis.call('XADD', KEYS[2], '*', 'member', ARGV[4], 'letter', ARGV[5])
 redis.call('ZREM', KEYS[1], ARGV[4])
-remember(ARGV[7], ARGV[4], tonumber(f[3]), f[4], ARGV[8], ARGV[9], -1, tonumber(ARGV[1]),
+remember(ARGV[7], ARGV[4], tonumber(f[3]), f[4], f[5], ARGV[8], ARGV[9], -1, tonumber(ARGV[1]),
          tonumber(ARGV[3]), tonumber(ARGV[10]), ARGV[6])
 return id
 """
@@ -318,16 +325,13 @@ return id
 # Queues a dead-lettered event again as a single copy due now; returns 1, or 0 when the
 # entry is gone (already replayed), so replaying twice sends once. The timeline stays with
 # the key: kept while it is pending, expiring with it after the forward.
-REPLAY = """
+REPLAY = TIMELINE_APPEND + """
 if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[4])
 redis.call('RPUSH', KEYS[4], ARGV[4])
 redis.call('PERSIST', KEYS[3])
 redis.call('PERSIST', KEYS[5])
-if ARGV[7] ~= '' then
-  redis.call('RPUSH', KEYS[5], ARGV[7])
-  redis.call('LTRIM', KEYS[5], 0, $TIMELINE_MAX - 1)
-end
+if ARGV[7] ~= '' then timeline_append(KEYS[5], ARGV[7]) end
 redis.call('HSET', KEYS[3], 'st', 'retry', 't0', ARGV[5], 'due', ARGV[2], 'att', 0, 'nd', ARGV[6])
 redis.call('HSETNX', KEYS[3], 'src', 0)
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
