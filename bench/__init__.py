@@ -8,6 +8,7 @@ Every part is its own process, started and stopped by `bench.run`:
     bench.baseline    B0: validate, answer, batch to the stand-in from memory
     bench.load        the clients: closed loop (saturation) or constant arrival rate
     bench.memory      Redis bytes per remembered key, next to one SET per key
+    bench.floor       in-process: validation and hashing per event (no I/O), a floor
     bench.cluster     a 3-primary Redis Cluster on loopback, for the scale-out phases
 
 `bench.report` turns `bench/results/<date>.json` into docs/benchmarks.md and

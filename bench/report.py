@@ -113,9 +113,22 @@ def why_throughput(workload: str) -> Callable[[dict[str, Any]], str]:
             ingest = trips["total"] - roles.get("forwarder", 0) - roles.get("gauges", 0)
             text += (f" Ingest made {ingest / requests['requests']:.2f} Redis round trips per "
                      "request.")
-        return text + _profile_top(r, workload)
+        return text + _floor(r, workload) + _profile_top(r, workload)
 
     return why
+
+
+def _floor(r: dict[str, Any], workload: str) -> str:
+    """What validation alone costs per event (bench.floor), against B0's whole cost."""
+    fl = r.get("floor") or {}
+    us = fl.get("beacon_parse_us" if workload == "pixel" else "server_parse_us")
+    if not us:
+        return ""
+    text = (f" Validating (and hashing) one event alone, in-process with no I/O, takes {us:.0f} "
+            "µs")
+    if workload == "server" and fl.get("server_phone_us"):
+        text += f", {fl['server_phone_us']:.0f} µs of it the phone number (`phonenumbers`)"
+    return text + f": a core could validate at most {1e6 / us:,.0f} events/s and do nothing else."
 
 
 def why_latency(workload: str) -> Callable[[dict[str, Any]], str]:

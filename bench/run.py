@@ -61,7 +61,7 @@ import orjson
 import psutil
 import redis.asyncio as aioredis
 
-from bench import counters, memory, profiling
+from bench import counters, floor, memory, profiling
 from bench.cluster import NODES, LocalCluster, primary_of
 from bench.common import (
     PIXEL,
@@ -793,6 +793,8 @@ async def run(
         print(f"  {results['memory']['seconds']:.0f} s", flush=True)
     else:
         results["memory"] = {}
+    print("floor: validation and hashing per event, in-process", flush=True)
+    results["floor"] = floor.measure(repeat=2 if plan is SMOKE else 20)
     rig = Rig(workdir, plan, redis_binary)
     rig.reruns_until = time.monotonic() + BUDGET_SECONDS - (time.time() - started) - RIG_SECONDS
     try:
