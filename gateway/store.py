@@ -82,6 +82,9 @@ SOURCE_BITS: dict[Source, int] = {"pixel": 1, "server": 2}
 BOTH_SOURCES = 3
 SHARED_PIPELINE_MAX = 2000  # items in one shared pipeline; the rest go in the next
 BATCH_CALL_MAX = 250  # items in one batched script call: Redis runs nothing else meanwhile
+# ... except CLAIM, whose item is a whole shard: up to a forward batch (1,000 events) each.
+# One shard a call, so that draining a backlog leaves Redis free for ingest between shards.
+CALL_MAX_ITEMS = {"claim": 1}
 TIMELINE_MAX = 100  # entries kept per key; a flood of duplicates must not grow it without bound
 
 
@@ -834,18 +837,19 @@ class Store:
         self, items: Sequence[BatchItem], *, partial: bool = False
     ) -> list[Any]:
         """Items grouped into script calls (one per script, slot and common arguments, of
-        at most BATCH_CALL_MAX items) in one pipeline; one reply per item, in order.
+        at most BATCH_CALL_MAX items, see CALL_MAX_ITEMS) in one pipeline; one reply per
+        item, in order.
         With `partial`, the items of a call that failed get its exception (see `_run`)."""
         cluster = isinstance(self.client, RedisCluster)
         groups: dict[tuple[str, int, tuple[Any, ...]], list[int]] = {}
         for i, item in enumerate(items):
             slot = key_slot(item.route.encode()) if cluster else 0
             groups.setdefault((item.script, slot, item.common), []).append(i)
-        chunks = [
-            (script, common, indexes[start : start + BATCH_CALL_MAX])
-            for (script, _slot, common), indexes in groups.items()
-            for start in range(0, len(indexes), BATCH_CALL_MAX)
-        ]
+        chunks: list[tuple[str, tuple[Any, ...], list[int]]] = []
+        for (script, _slot, common), indexes in groups.items():
+            size = CALL_MAX_ITEMS.get(script, BATCH_CALL_MAX)
+            for start in range(0, len(indexes), size):
+                chunks.append((script, common, indexes[start : start + size]))
         calls = [
             (script, [items[chunk[0]].route], [*common, *(a for i in chunk for a in items[i].args)])
             for script, common, chunk in chunks

@@ -723,6 +723,16 @@ async def test_a_large_batch_is_cut_into_bounded_script_calls(
     assert await script_calls(redis_client) - before == 3
 
 
+async def test_a_claim_takes_one_script_call_per_shard(
+    store: Store, redis_client: aioredis.Redis, t0: float
+) -> None:
+    await store.ingest([event(f"s-{i}") for i in range(40)], t0)
+    before = await script_calls(redis_client)
+    assert len(await store.claim(t0 + MERGE, 1000, LEASE)) == 40
+    # A shard's claim may take a whole batch: Redis serves others between shards.
+    assert await script_calls(redis_client) - before == store.shards
+
+
 # -- two gateways at once ------------------------------------------------------------------
 
 
