@@ -44,6 +44,7 @@ class Snapshot:
     commandstats: dict[str, tuple[int, int]] = field(default_factory=dict)  # cmd -> (calls, usec)
     redis_stats: dict[str, int] = field(default_factory=dict)
     round_trips: dict[str, int] | None = None  # task coroutine -> round trips; "total"
+    script_calls: dict[str, int] = field(default_factory=dict)  # task coroutine -> EVALSHAs
     standin: dict[str, int] = field(default_factory=dict)
 
 
@@ -124,7 +125,9 @@ async def take(
         }
         snap.redis_stats = {k: int(info.get(k, 0)) for k in REDIS_STATS}
     if probe is not None:
-        snap.round_trips = await probe_counts(*probe)
+        counts = await probe_counts(*probe)
+        if counts is not None:
+            snap.round_trips, snap.script_calls = counts
     return snap
 
 
@@ -136,15 +139,17 @@ def _read_probe(path: Path) -> dict[str, Any]:
     return doc
 
 
-async def probe_counts(pid: int, path: Path) -> dict[str, int] | None:
-    """bench.probe's counts, "total" and one per task coroutine, as of now (SIGUSR1)."""
+async def probe_counts(pid: int, path: Path) -> tuple[dict[str, int], dict[str, int]] | None:
+    """bench.probe's counts as of now (SIGUSR1): round trips, "total" and one per task
+    coroutine; and script calls per task coroutine."""
     seen = _read_probe(path)["seq"]
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + PROBE_WAIT
     while time.monotonic() < deadline:
         doc = _read_probe(path)
         if doc["seq"] > seen:
-            return {"total": int(doc["total"]), **doc["by_task"]}
+            trips = {"total": int(doc["total"]), **doc["by_task"]}
+            return trips, dict(doc.get("script_calls_by_task", {}))
         await asyncio.sleep(0.002)
     return None
 
@@ -201,8 +206,14 @@ def window(a: Snapshot, b: Snapshot) -> dict[str, Any]:
             if name != "total":
                 role = role_of_task(name)
                 by_role[role] = by_role.get(role, 0) + count - a.round_trips.get(name, 0)
+        calls_by_role: dict[str, int] = {}
+        for name, count in b.script_calls.items():
+            role = role_of_task(name)
+            calls = count - a.script_calls.get(name, 0)
+            calls_by_role[role] = calls_by_role.get(role, 0) + calls
         out["round_trips"] = {
             "total": b.round_trips["total"] - a.round_trips["total"],
             "by_role": {k: v for k, v in by_role.items() if v},
+            "script_calls_by_role": {k: v for k, v in calls_by_role.items() if v},
         }
     return out

@@ -1,7 +1,8 @@
 """`tiktok-gateway serve`, counting its Redis round trips. The gateway's code runs unchanged.
 
 A round trip is one `send_packed_command` of redis-py's asyncio connection:
-a single command, or a whole pipeline, sent and then answered. Each is
+a single command, or a whole pipeline, sent and then answered; the script
+calls (EVALSHA) in it are counted too. Each is
 counted under the coroutine of the asyncio task that made it (aiohttp's
 `RequestHandler.start` for requests, `Forwarder.run` and the tasks it
 starts for forwarding, ...). On SIGUSR1 the counts are written as JSON to
@@ -29,6 +30,8 @@ from redis.asyncio.connection import AbstractConnection
 from gateway.cli import main as gateway_main
 
 COUNTS: Counter[str] = Counter()
+SCRIPT_CALLS: Counter[str] = Counter()  # EVALSHA commands in those round trips, per task
+SCRIPT_CALL = b"$7\r\nEVALSHA\r\n"  # as redis-py packs it; a JSON payload cannot hold \r\n
 DUMPS = itertools.count(1)
 
 
@@ -45,7 +48,11 @@ def install() -> None:
     original = AbstractConnection.send_packed_command
 
     async def counted(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        COUNTS[_task_name()] += 1
+        task = _task_name()
+        COUNTS[task] += 1
+        # A command's name is packed with its header; large arguments (memoryviews) follow.
+        chunks = [command] if isinstance(command, bytes) else command
+        SCRIPT_CALLS[task] += sum(c.count(SCRIPT_CALL) for c in chunks if isinstance(c, bytes))
         await original(self, command, check_health)
 
     AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
@@ -56,7 +63,7 @@ def dump(path: Path) -> None:
     counts = dict(COUNTS)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(orjson.dumps({"seq": next(DUMPS), "total": sum(counts.values()),
-                                  "by_task": counts}))
+                                  "by_task": counts, "script_calls_by_task": dict(SCRIPT_CALLS)}))
     tmp.replace(path)
 
 

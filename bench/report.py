@@ -523,10 +523,10 @@ def render(r: dict[str, Any], json_path: Path) -> str:
         "From the accounting phase: a closed-loop ingest window that ends before the first key "
         "is due (so nothing is forwarded in it), then a forward window until the stand-in has "
         "every key; the background of an idle second (the forwarder's polls) is subtracted. "
-        "Round trips are counted in the gateway process (`bench.probe`: every pipeline or "
-        "command redis-py sends); script calls and µs come from `INFO commandstats` "
-        "(EVALSHA and friends: their µs include the commands the script runs); Redis CPU "
-        "is the redis-server process's.",
+        "Round trips and script calls are counted in the gateway process, per task "
+        "(`bench.probe`: every pipeline or command redis-py sends, and the EVALSHAs in it); "
+        "script µs come from `INFO commandstats` (they include the commands the script runs); "
+        "Redis CPU is the redis-server process's.",
         "",
         *redis_table(r),
         "",

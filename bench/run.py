@@ -496,39 +496,46 @@ async def accounting(rig: Rig, plan: Plan) -> dict[str, Any]:
         c = await rig.snapshot(gateway, None)
         await rig.clear()
         ingest, forward = counters.window(a, b), counters.window(b, c)
-        roles = ingest["round_trips"]["by_role"]
-        # Ingest: every round trip but the forwarder's polls and the gauges' reads, so a
-        # task that batches requests' calls together still counts as ingest.
-        ingest_trips = ingest["round_trips"]["total"] - roles.get("forwarder", 0) - roles.get(
-            "gauges", 0)
-        idle = background["round_trips"]["by_role"].get("forwarder", 0) / background["seconds"]
-        forward_trips = max(0.0, forward["round_trips"]["by_role"].get("forwarder", 0)
-                            - idle * forward["seconds"])
         out[workload] = {
             "load": load,
             "delivery": delivery,
             "ingest_window": ingest,
             "forward_window": forward,
-            "ingest": _per_unit(ingest, background, ingest_trips, load["totals"]["requests"],
-                                load["totals"]["acked_events"]),
-            "forward": _per_unit(forward, background, forward_trips, None,
+            "ingest": _per_unit(ingest, background, _ingest_part(ingest, "by_role"),
+                                _ingest_part(ingest, "script_calls_by_role"),
+                                load["totals"]["requests"], load["totals"]["acked_events"]),
+            "forward": _per_unit(forward, background, _forward_part(forward, background, "by_role"),
+                                 _forward_part(forward, background, "script_calls_by_role"), None,
                                  forward["standin"]["events"]),
         }
     return out
 
 
+def _ingest_part(win: dict[str, Any], key: str) -> float:
+    """Round trips (or script calls) of ingest: all but the forwarder's and the gauges',
+    so a task that batches requests' calls together still counts as ingest."""
+    roles = win["round_trips"][key]
+    return float(sum(roles.values()) - roles.get("forwarder", 0) - roles.get("gauges", 0))
+
+
+def _forward_part(win: dict[str, Any], background: dict[str, Any], key: str) -> float:
+    """Round trips (or script calls) of the forwarder, less its idle polls."""
+    idle = background["round_trips"][key].get("forwarder", 0) / background["seconds"]
+    return max(0.0, win["round_trips"][key].get("forwarder", 0) - idle * win["seconds"])
+
+
 def _per_unit(
-    win: dict[str, Any], background: dict[str, Any], trips: float, requests: int | None,
-    events: int,
+    win: dict[str, Any], background: dict[str, Any], trips: float, calls: float,
+    requests: int | None, events: int,
 ) -> dict[str, Any]:
-    """Redis cost in a window per request and per event; server-side counts less the
-    background (the forwarder's idle polls), scaled to the window's length."""
+    """Redis cost in a window per request and per event. Round trips and script calls are
+    counted in the gateway per task; Redis's own figures are less the background (the
+    forwarder's idle polls), scaled to the window's length."""
     scale = float(win["seconds"] / background["seconds"])
 
     def net(value: float, idle: float) -> float:
         return max(0.0, value - idle * scale)
 
-    calls = net(win["script_calls"], background["script_calls"])
     usec = net(win["script_usec"], background["script_usec"])
     redis_cpu = net(win["cpu_s"]["redis"], background["cpu_s"]["redis"])
     out: dict[str, Any] = {"events": events, "requests": requests}
