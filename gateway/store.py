@@ -507,7 +507,7 @@ class Store:
         p = self.prefix(self.shard_of(member))
         return f"{p}k:{member}", f"{p}c:{member}", f"{p}due", f"{p}t:{member}"
 
-    def rate_key(self, client: str) -> str:
+    def rate_counter_key(self, client: str) -> str:
         """The browser rate limit's counter of one client address (see RATE_LIMIT)."""
         return f"{self.prefix(self.shard_of(client))}rl:{client}"
 
@@ -777,7 +777,7 @@ class Store:
     async def rate_limit(self, client: str, now: float, rate: float, burst: int) -> float:
         """Count a request of `client` against `rate` a second with bursts of `burst`, shared
         by every instance; 0.0 when it may go ahead, else the seconds to wait. One round trip."""
-        key = self.rate_key(client)
+        key = self.rate_counter_key(client)
         item = BatchItem("rate_limit", key, (1000.0 / rate, burst), (key, int(now * 1000)))
         [wait_ms] = await self._shared([item])
         return int(wait_ms) / 1000
