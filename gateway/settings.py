@@ -157,7 +157,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         max_body_bytes=get("MAX_BODY_BYTES", _positive_int, d.max_body_bytes),
         max_events_per_request=get("MAX_EVENTS_PER_REQUEST", _positive_int, 1000),
         body_timeout=get("BODY_TIMEOUT", _seconds, d.body_timeout),
-        pixel_rate_limit=get("PIXEL_RATE_LIMIT", _seconds, d.pixel_rate_limit),
+        pixel_rate_limit=get("PIXEL_RATE_LIMIT", _rate, d.pixel_rate_limit),
         pixel_rate_burst=get("PIXEL_RATE_BURST", _positive_int, d.pixel_rate_burst),
         pixel_max_body_bytes=get("PIXEL_MAX_BODY_BYTES", _positive_int, d.pixel_max_body_bytes),
         pixel_max_events=get("PIXEL_MAX_EVENTS", _positive_int, d.pixel_max_events),
@@ -259,6 +259,17 @@ def _non_negative(name: str, raw: str) -> float:
         raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
     if not 0 <= value < float("inf"):
         raise ConfigError(name, f"must be 0 or more, got {raw!r}")
+    return value
+
+
+def _rate(name: str, raw: str) -> float:
+    """Per second; 0 turns the limit off."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number a second (0: no limit), got {raw!r}") from None
+    if not 0 <= value < float("inf"):
+        raise ConfigError(name, f"must be 0 (no limit) or more, got {raw!r}")
     return value
 
 

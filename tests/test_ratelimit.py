@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from gateway.ingest import rate_key
 from gateway.store import Store
 from tests.conftest import Gateway, GatewayFactory, free_port
-from tests.helpers import browser_event
+from tests.helpers import browser_event, is_rate_counter
 from tests.tiktok_stub import TikTokStub
 
 TRUST_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -160,3 +160,12 @@ async def test_the_script_is_loaded_again_after_a_flush(redis_client: aioredis.R
 )
 def test_whom_the_limit_counts(address: str | None, key: str) -> None:
     assert rate_key(address) == key
+
+
+async def test_a_rate_of_zero_turns_the_limit_off(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    gateway = await make_gateway(pixel_rate_limit=0.0, pixel_rate_burst=1, **QUICK)
+    assert [(await post(http, gateway, f"off-{i}"))[0] for i in range(5)] == [200] * 5
+    # Nothing counted: no round trip is spent on a limit that is off.
+    assert [k for k in await redis_client.keys("tkgw:*") if is_rate_counter(k)] == []

@@ -69,6 +69,8 @@ def test_parses_every_documented_variable() -> None:
         ("GATEWAY_PHONE_REGION", "USA"),
         ("GATEWAY_UPSTREAM_URL", "ftp://x"),
         ("GATEWAY_FORWARD_BATCH_SIZE", "5000"),
+        ("GATEWAY_PIXEL_RATE_LIMIT", "-1"),
+        ("GATEWAY_PIXEL_RATE_LIMIT", "inf"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -76,6 +78,10 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
         Settings.from_env({name: value})
     assert info.value.variable == name
     assert str(info.value).startswith(name)
+
+
+def test_a_pixel_rate_limit_of_zero_is_no_limit() -> None:
+    assert Settings.from_env({"GATEWAY_PIXEL_RATE_LIMIT": "0"}).pixel_rate_limit == 0
 
 
 def test_dedup_window_shorter_than_merge_window_is_refused() -> None:
