@@ -134,14 +134,37 @@ def _floor(r: dict[str, Any], workload: str) -> str:
 def why_latency(workload: str) -> Callable[[dict[str, Any]], str]:
     def why(r: dict[str, Any]) -> str:
         phase = r["phases"][f"gateway-latency-{workload}"]
-        cpu = phase["window"]["cpu_percent_of_one_core"]
-        rt = r["figures"]["redis"][workload]["ingest"].get("round_trips_per_request")
+        window = phase["window"]
+        cpu = window["cpu_percent_of_one_core"]
         text = (f"At {phase['load']['offered_rate']:.0f} requests/s the gateway process was "
                 f"{cpu.get('gateway', 0):.0f}% busy, so a request often waits for the event loop "
-                "behind others (one process, one core)")
-        if rt:
-            text += f"; each request also waits for {rt:.2f} Redis round trips in sequence"
-        return text + "."
+                "behind others (one process, one core).")
+        fl = r.get("floor") or {}
+        if workload == "server" and fl.get("server_parse_us"):
+            text += (f" A 100-event batch is validated and hashed before it is stored: "
+                     f"{fl['server_parse_us'] * 100 / 1000:.0f} ms of CPU by itself (bench.floor), "
+                     "which B0 does not do.")
+        trips = window.get("round_trips")
+        requests = phase["load"]["kinds"][workload]["requests"]
+        if trips and requests:
+            roles = trips["by_role"]
+            ingest = trips["total"] - roles.get("forwarder", 0) - roles.get("gauges", 0)
+            text += f" Ingest made {ingest / requests:.2f} Redis round trips per request"
+            text += (" (a beacon waits for two in sequence, the rate limit then the ingest, "
+                     "each shared with whatever concurrent requests queued meanwhile; "
+                     "`GATEWAY_PIXEL_RATE_LIMIT=0` drops the first where a CDN limits rates)."
+                     if workload == "pixel" else ".")
+            wall = fl.get("redis_round_trip_wall_us")
+            if wall:
+                waits = 2 if workload == "pixel" else 1
+                text += (f" One round trip through the gateway's Redis client takes {wall:.0f} µs "
+                         f"on this machine with nothing else running, and costs the caller "
+                         f"{fl['redis_round_trip_cpu_us']:.0f} µs of CPU (a bare socket's PING: "
+                         f"{fl['socket_round_trip_wall_us']:.0f} µs, "
+                         f"{fl['socket_round_trip_cpu_us']:.0f} µs of CPU; bench.floor): "
+                         f"{waits * wall / 1000:.1f} ms of every request's latency before any "
+                         "queueing.")
+        return text
 
     return why
 

@@ -807,6 +807,8 @@ async def run(
     try:
         print("starting the rig", flush=True)
         await rig.start()
+        print("floor: one Redis round trip, before any load", flush=True)
+        results["floor"] |= await floor.round_trip(rig.redis_url, 100 if plan is SMOKE else 2000)
         print("throughput and latency", flush=True)
         results["phases"] = await throughput_and_latency(rig, plan)
         print("Redis accounting", flush=True)

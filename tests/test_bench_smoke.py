@@ -76,6 +76,10 @@ def test_smoke_run_delivers_exactly_once_and_reports_every_figure(tmp_path: Path
             assert figures["cpu_ms_per_1000_events"] > 0, (workload, setup)
         assert len(fig["scale_out"][workload]) == 3
     assert not any(math.isnan(x) for x in _numbers(fig))
+    floor = results["floor"]
+    for figure in ("beacon_parse_us", "server_parse_us", "redis_round_trip_cpu_us",
+                   "redis_round_trip_wall_us", "socket_round_trip_cpu_us"):
+        assert floor[figure] > 0, figure
 
     page = report.render(results, out)
     assert "## Targets" in page
