@@ -33,6 +33,7 @@ from .errors import (
     InvalidEvent,
     InvalidJSON,
     InvalidRequest,
+    LayoutMismatch,
     NotFound,
     OriginNotAllowed,
     PayloadTooLarge,
@@ -183,15 +184,23 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     res.store = make_store(res.redis, settings)
     try:
         await res.store.load_scripts()
+        await res.store.check_layout()
     except StoreUnavailable as exc:
         # Start anyway: /readyz says 503 until Redis answers, and nothing is acknowledged.
         log.warning("Redis not reachable at start-up (%s); will keep trying", exc)
+    except LayoutMismatch:
+        await _close_redis(res.redis, embedded)
+        raise
     try:
         yield
     finally:
-        await res.redis.aclose()
-        if embedded is not None:
-            await embedded.stop()
+        await _close_redis(res.redis, embedded)
+
+
+async def _close_redis(client: RedisClient, embedded: EmbeddedRedis | None) -> None:
+    await client.aclose()
+    if embedded is not None:
+        await embedded.stop()
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -405,9 +414,16 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         assert store is not None
         await store.load_scripts()
+        await store.check_layout()  # once; Redis may have been away at start-up
     except StoreUnavailable as exc:
         return web.json_response(
             {"status": "unavailable", "redis": str(exc)}, status=503,
+            dumps=lambda o: orjson.dumps(o).decode(),
+        )
+    except LayoutMismatch as exc:
+        log.error("not ready: %s", exc)
+        return web.json_response(
+            {"status": "misconfigured", "redis": str(exc)}, status=503,
             dumps=lambda o: orjson.dumps(o).decode(),
         )
     return web.json_response({"status": "ready"}, dumps=lambda o: orjson.dumps(o).decode())

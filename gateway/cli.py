@@ -197,10 +197,12 @@ async def _store(settings: Settings) -> AsyncIterator[Store]:
 
 async def _admin(command: str, args: argparse.Namespace, settings: Settings) -> int:
     async with _store(settings) as store:
+        # Read with another layout, every key would look missing.
+        await store.check_layout()
         if command == "check-config":
             await store.load_scripts()
             mode = "sandbox" if settings.sandbox else f"{len(settings.pixels)} pixel(s)"
-            print(f"configuration OK ({mode}); Redis reachable; scripts loaded")
+            print(f"configuration OK ({mode}); Redis reachable, {store.layout}; scripts loaded")
             return 0
         if command == "inspect":
             state = await store.inspect(args.pixel, args.event_id, args.event)

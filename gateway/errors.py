@@ -34,6 +34,21 @@ class ConfigError(GatewayError):
         self.variable = variable
 
 
+class LayoutMismatch(ConfigError):
+    """This Redis holds state laid out with other shards or dedup buckets than ours."""
+
+    def __init__(self, recorded: str, ours: str) -> None:
+        super().__init__(
+            "GATEWAY_SHARDS / GATEWAY_DEDUP_BUCKETS",
+            f"this Redis holds state laid out with {recorded}, this instance has {ours}; "
+            "every instance on one Redis must use the same values, or it misses the others' "
+            "events. To change them: stop every instance, delete the key tkgw:layout (keys "
+            "remembered so far are forgotten, pending events may be stranded), start all "
+            "with the new values",
+        )
+        self.recorded = recorded
+
+
 class RequestError(GatewayError):
     """An error caused by the request; carries TikTok's code and an HTTP status."""
 

@@ -43,6 +43,12 @@ The browser endpoint's rate limit (see RATE_LIMIT), in the shard of the client a
                                 instances. Expires when its burst is whole again: an idle
                                 client costs nothing.
 
+Shared by every shard:
+
+    tkgw:layout           STRING the shards and dedup buckets of the first instance to
+                                start on this Redis. An instance with others refuses to
+                                start: it would look for every key in the wrong place.
+
 The busy scripts (INGEST, RATE_LIMIT, CLAIM, ACK, RELEASE) are *batched*: one call
 takes many items (copies, requests, shards, members), each touching the keys of its
 own shard. Items of one script and one slot share a call: on one Redis that is every
@@ -71,7 +77,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from .errors import StoreUnavailable
+from .errors import LayoutMismatch, StoreUnavailable
 from .events import SOURCES, Event, Source, dedup_name
 
 RedisClient = aioredis.Redis | RedisCluster
@@ -85,6 +91,7 @@ BATCH_CALL_MAX = 250  # items in one batched script call: Redis runs nothing els
 # ... except CLAIM, whose item is a whole shard: up to a forward batch (1,000 events) each.
 # One shard a call, so that draining a backlog leaves Redis free for ingest between shards.
 CALL_MAX_ITEMS = {"claim": 1}
+LAYOUT_KEY = "tkgw:layout"
 TIMELINE_MAX = 100  # entries kept per key; a flood of duplicates must not grow it without bound
 
 
@@ -469,6 +476,7 @@ class Store:
         ] = collections.deque()
         self._flusher: asyncio.Task[None] | None = None
         self._claim_warned_at = -math.inf
+        self._layout_checked = False
         # Script objects give the SHA1 and source; calls go through `_run`.
         self._scripts = {
             name: aioredis.Redis.register_script(client, _lua(lua))  # type: ignore[arg-type]
@@ -781,6 +789,25 @@ class Store:
         item = BatchItem("rate_limit", key, (1000.0 / rate, burst), (key, int(now * 1000)))
         [wait_ms] = await self._shared([item])
         return int(wait_ms) / 1000
+
+    @property
+    def layout(self) -> str:
+        """Where keys live: instances sharing a Redis must agree on it (see LAYOUT_KEY)."""
+        return f"shards={self.shards} dedup_buckets={self.dedup_buckets}"
+
+    async def check_layout(self) -> None:
+        """Record our layout in Redis if none is, else compare; LayoutMismatch if they differ.
+
+        Instances that disagree on shards or buckets each miss the keys of the others:
+        copies of one event go unmerged, duplicates undropped, pending events unsent."""
+        if self._layout_checked:
+            return
+        async with self._guard():
+            await self.client.set(LAYOUT_KEY, self.layout, nx=True)
+            recorded = _text(await self.client.get(LAYOUT_KEY))
+        if recorded != self.layout:
+            raise LayoutMismatch(recorded, self.layout)
+        self._layout_checked = True
 
     async def ping(self) -> None:
         async with self._guard():

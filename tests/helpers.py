@@ -10,13 +10,22 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 
+from gateway.store import LAYOUT_KEY
 from tests.conftest import PIXEL, TOKEN, Gateway
 
 
 def is_rate_counter(key: bytes) -> bool:
     """A browser rate-limit counter (`tkgw:{N}:rl:<client>`): it counts refused requests too."""
     return re.match(rb"tkgw:\{\d+\}:rl:", key) is not None
+
+
+async def event_keys(redis_client: aioredis.Redis) -> list[bytes]:
+    """The gateway's keys about events: not the rate limit's counters (they count refused
+    requests too), nor the layout the first instance recorded."""
+    keys = await redis_client.keys("tkgw:*")
+    return [k for k in keys if not is_rate_counter(k) and k != LAYOUT_KEY.encode()]
 
 
 def sha256(value: str) -> str:

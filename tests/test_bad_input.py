@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
-from tests.helpers import browser_event, is_rate_counter, server_event
+from tests.helpers import browser_event, event_keys, server_event
 from tests.tiktok_stub import TikTokStub
 
 ENVELOPE_KEYS = {"code", "message", "request_id", "data"}
@@ -116,9 +116,7 @@ async def wait_drained(gateway: Gateway) -> None:
 
 
 async def assert_nothing_stored(redis_client: aioredis.Redis) -> None:
-    # The browser rate limit counts every request, refused ones too: no event.
-    keys = await redis_client.keys("tkgw:*")
-    assert [k for k in keys if not is_rate_counter(k)] == []
+    assert await event_keys(redis_client) == []
 
 
 # -- one bad event ------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import PIXEL, PIXEL2, Gateway, GatewayFactory
-from tests.helpers import browser_event, is_rate_counter, post_browser
+from tests.helpers import browser_event, event_keys, post_browser
 from tests.tiktok_stub import TikTokStub
 
 SHOP = "https://shop.example.com"
@@ -33,11 +33,6 @@ async def wait_drained(gateway: Gateway) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("events still pending")
-
-
-async def event_keys(redis_client: aioredis.Redis) -> list[bytes]:
-    """The gateway's keys but the rate limit's counters (which count refused requests too)."""
-    return [k for k in await redis_client.keys("tkgw:*") if not is_rate_counter(k)]
 
 
 async def send(

@@ -138,8 +138,27 @@ def test_version_text(capsys: pytest.CaptureFixture[str]) -> None:
 async def test_check_config_against_redis_says_ok(cli: Cli) -> None:
     result = await cli("check-config")
     assert result.code == 0, result
-    assert "configuration OK (2 pixel(s)); Redis reachable; scripts loaded" in result.out
+    assert (
+        "configuration OK (2 pixel(s)); Redis reachable, shards=4 dedup_buckets=1024; "
+        "scripts loaded" in result.out
+    )
     assert result.err == ""
+
+
+async def test_check_config_refuses_a_redis_laid_out_for_other_shards(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (await cli("check-config")).code == 0  # the first instance records its layout
+    monkeypatch.setenv("GATEWAY_SHARDS", "8")
+    result = await cli("check-config")
+    assert result.code == 2, result
+    [line] = result.err_lines
+    assert line.startswith(
+        "tiktok-gateway: configuration error: GATEWAY_SHARDS / GATEWAY_DEDUP_BUCKETS: this Redis "
+        "holds state laid out with shards=4 dedup_buckets=1024, this instance has shards=8 "
+        "dedup_buckets=1024; "
+    )
+    assert "delete the key tkgw:layout" in line
 
 
 async def test_check_config_in_sandbox_mode(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,7 +187,7 @@ async def test_check_config_without_a_url_runs_its_own_redis_and_stops_it(
     monkeypatch.setenv("GATEWAY_DATA_DIR", str(data_dir))
     result = await cli("check-config")
     assert result.code == 0, result
-    assert "Redis reachable; scripts loaded" in result.out
+    assert "Redis reachable, shards=4 dedup_buckets=1024; scripts loaded" in result.out
     # Shut down cleanly: redis-server removes its pid file on SHUTDOWN.
     assert any(p.name.startswith("appendonly") for p in data_dir.iterdir())  # 6.2: a file, 7: a dir
     assert not (data_dir / "redis.pid").exists()

@@ -18,6 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from gateway.app import create_app
+from gateway.embedded import EmbeddedRedis
+from gateway.errors import LayoutMismatch
+from gateway.store import LAYOUT_KEY
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory, base_settings, free_port
 from tests.helpers import browser_event, post_browser, post_server, server_event, sha256
 from tests.tiktok_stub import TikTokStub
@@ -110,6 +113,52 @@ async def test_without_redis_the_gateway_starts_and_acknowledges_nothing(
     assert gateway.metric("gateway_redis_errors_total") >= 2
     assert tiktok.requests == []
     assert await redis_client.keys("tkgw:*") == []  # the real Redis saw nothing either
+
+
+# -- one layout per Redis ------------------------------------------------------------------
+
+
+async def test_a_gateway_with_other_shards_refuses_to_start_on_a_used_redis(
+    make_gateway: GatewayFactory, redis_client: aioredis.Redis
+) -> None:
+    await make_gateway()  # 4 shards: the first on this Redis records its layout
+    assert await redis_client.get(LAYOUT_KEY) == b"shards=4 dedup_buckets=1024"
+    # It would look for every event in the wrong shard: unmerged pairs, undropped duplicates.
+    with pytest.raises(LayoutMismatch, match="shards=4 dedup_buckets=1024, this instance has"):
+        await make_gateway(shards=8)
+    with pytest.raises(LayoutMismatch):
+        await make_gateway(dedup_buckets=4096)
+    assert await redis_client.get(LAYOUT_KEY) == b"shards=4 dedup_buckets=1024"
+
+
+async def test_readyz_says_misconfigured_when_redis_appears_laid_out_otherwise(
+    redis_url: str, tiktok: TikTokStub, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    redis_port = free_port()
+    settings = dataclasses.replace(
+        base_settings(redis_url, tiktok.url, tmp_path / "data"),
+        redis_url=f"redis://127.0.0.1:{redis_port}",
+    )
+    runner = web.AppRunner(create_app(settings, registry=CollectorRegistry()))
+    await runner.setup()  # Redis is not there yet: it starts, unready
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    late = EmbeddedRedis(tmp_path / "late-redis", port=redis_port)
+    try:
+        status, answer = await get_envelope(http, f"http://127.0.0.1:{port}/readyz")
+        assert (status, answer["status"]) == (503, "unavailable")
+        client = aioredis.Redis.from_url(await late.start())
+        await client.set(LAYOUT_KEY, "shards=64 dedup_buckets=1024")
+        await client.aclose()
+
+        status, answer = await get_envelope(http, f"http://127.0.0.1:{port}/readyz")
+        assert (status, answer["status"]) == (503, "misconfigured")
+        assert "laid out with shards=64 dedup_buckets=1024, this instance has shards=4" in (
+            answer["redis"]
+        )
+    finally:
+        await runner.cleanup()
+        await late.stop()
 
 
 # -- metrics -------------------------------------------------------------------------------

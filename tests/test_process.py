@@ -248,6 +248,28 @@ async def test_busy_port_stops_serve_with_one_line_naming_gateway_listen(data_di
     assert await wait_gone(pid)
 
 
+async def test_changed_shards_on_a_used_redis_stop_serve_with_one_line(
+    start_gateway: Starter, data_dir: Path
+) -> None:
+    first = await start_gateway()  # records the default layout in the embedded Redis
+    assert await first.stop() == 0
+
+    code, _out, err = await _serve_once(data_dir, "serve", GATEWAY_SHARDS="32")
+
+    assert code == 2, err
+    assert "Traceback" not in err
+    *logged, line = err.splitlines()
+    assert line.startswith(
+        "tiktok-gateway: configuration error: GATEWAY_SHARDS / GATEWAY_DEDUP_BUCKETS: this Redis "
+        "holds state laid out with shards=16 dedup_buckets=1024, this instance has shards=32 "
+    )
+    # The embedded Redis it had started is stopped again.
+    messages = [orjson.loads(entry)["message"] for entry in logged]
+    [pid] = [int(m) for m in re.findall(r"embedded redis-server \(pid (\d+)\) listening", err)]
+    assert f"embedded redis-server (pid {pid}) stopped" in messages
+    assert await wait_gone(pid)
+
+
 async def test_data_dir_that_is_a_file_stops_serve_with_one_line(data_dir: Path) -> None:
     not_a_dir = data_dir / "a-file"
     not_a_dir.write_text("")
