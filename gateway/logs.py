@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -59,6 +60,24 @@ class RequestIdFilter(logging.Filter):
         if request_id is not None and not hasattr(record, "request_id"):
             record.request_id = request_id
         return True
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse at ERROR with a traceback, though it has
+    answered it 400 already. On the internet that is a scanner or a broken client, not
+    our fault: one INFO line with aiohttp's reason, so alerts on errors stay meaningful."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 400) < 500:
+            return True
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        reason = " ".join(str(exc.message).split())[:200]
+        record.msg, record.args = "refused a malformed HTTP request from %s: %s", (peer, reason)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info, record.exc_text = None, None
+        record.outcome, record.status = "refused", exc.code or 400
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -115,3 +134,6 @@ def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
     root.setLevel(level)
     # aiohttp's access log would print every beacon; our own lines say what matters.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server.filters):
+        server.addFilter(MalformedRequestFilter())

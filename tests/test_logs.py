@@ -130,6 +130,29 @@ def test_auto_format_is_json_when_not_on_a_terminal(
     assert isinstance(root_logger.handlers[0].formatter, JsonFormatter)
 
 
+async def test_a_malformed_http_request_is_one_info_line_without_a_traceback(
+    root_logger: logging.Logger, make_gateway: GatewayFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup_logging("INFO", "json")
+    gateway = await make_gateway(forward=False)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+    status_line = await reader.readline()  # aiohttp logs before it answers
+    writer.close()
+    await writer.wait_closed()
+    assert b" 400 " in status_line
+
+    lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines()]
+    [line] = [entry for entry in lines if entry["logger"] == "aiohttp.server"]
+    assert line["level"] == "info"
+    assert line["message"].startswith(
+        "refused a malformed HTTP request from 127.0.0.1: Invalid header token"
+    )
+    assert (line["outcome"], line["status"]) == ("refused", 400)
+    assert "exception" not in line
+
+
 def test_the_level_and_format_come_from_configuration(
     root_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch, redis_url: str, tmp_path: Any
 ) -> None:
