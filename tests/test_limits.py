@@ -385,6 +385,7 @@ async def test_headers_at_the_limits_are_served(
 # -- slow bodies (slow loris) ---------------------------------------------------------------
 
 BODY_TIMEOUT = 1.0
+DEMO_ORDER = "/demo/order"
 
 
 async def trickle(gateway: Gateway, path: str, interval: float = 0.1) -> tuple[RawAnswer, float]:
@@ -412,13 +413,14 @@ async def trickle(gateway: Gateway, path: str, interval: float = 0.1) -> tuple[R
         return answer, time.monotonic() - started
 
 
-@pytest.mark.parametrize("path", [TRACK, BROWSER])
+@pytest.mark.parametrize("path", [TRACK, BROWSER, DEMO_ORDER])
 async def test_a_body_trickled_byte_by_byte_times_out(
     make_gateway: GatewayFactory,
     http: aiohttp.ClientSession,
     path: str,
 ) -> None:
-    gateway = await make_gateway(body_timeout=BODY_TIMEOUT, forward=False)
+    sandbox = {"pixels": {}} if path == DEMO_ORDER else {}  # the demo shop is sandbox mode's
+    gateway = await make_gateway(body_timeout=BODY_TIMEOUT, forward=False, **sandbox)
     answer, took = await trickle(gateway, path)
     assert answer.status == 408
     assert answer.headers.get("connection") == "close"
