@@ -111,6 +111,7 @@ class Tab:
     errors: list[str] = field(default_factory=list)
     beacons: list[Any] = field(default_factory=list)  # bodies posted to /pixel/events
     pages: dict[str, str] = field(default_factory=dict)  # path -> HTML served by the test
+    console: list[str] = field(default_factory=list)  # what the page logged, for failures
 
     async def goto(self, path: str) -> None:
         await self.page.goto(self.base + path)
@@ -160,6 +161,7 @@ async def open_tab(browser: Browser) -> AsyncIterator[OpenTab]:
         await context.route(lambda url: urlsplit(url).hostname != "127.0.0.1", block)
         await context.route(lambda url: urlsplit(url).path.startswith("/t/"), serve_html_page)
         page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+        page.on("console", lambda message: tab.console.append(f"{message.type}: {message.text}"))
         page.on(
             "request",
             lambda request: tab.beacons.append(orjson.loads(request.post_data or "null"))
@@ -462,4 +464,7 @@ async def wait_for_cookie(tab: Tab, name: str) -> Any:
             if c["name"] == name:
                 return c
         await asyncio.sleep(0.025)
-    raise AssertionError(f"no {name} cookie was set")
+    raise AssertionError(
+        f"no {name} cookie was set; beacons sent: {tab.beacons}, page errors: {tab.errors}, "
+        f"console: {tab.console[-20:]}, at {tab.page.url}"
+    )
