@@ -8,6 +8,7 @@ Nothing else in the gateway reads the environment: `cli.py` calls
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -242,33 +243,35 @@ def _bool(name: str, raw: str) -> bool:
     raise ConfigError(name, f"expected 1 or 0, got {raw!r}")
 
 
-def _seconds(name: str, raw: str) -> float:
+def _number(name: str, raw: str, expected: str) -> float:
+    """A finite number, or ConfigError saying what was `expected`."""
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
-    if not value > 0 or value == float("inf"):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(name, f"expected {expected}, got {raw!r}")
+    return value
+
+
+def _seconds(name: str, raw: str) -> float:
+    value = _number(name, raw, "a number of seconds")
+    if not value > 0:
         raise ConfigError(name, f"must be a positive number, got {raw!r}")
     return value
 
 
 def _non_negative(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
-    if not 0 <= value < float("inf"):
+    value = _number(name, raw, "a number of seconds")
+    if value < 0:
         raise ConfigError(name, f"must be 0 or more, got {raw!r}")
     return value
 
 
 def _rate(name: str, raw: str) -> float:
     """Per second; 0 turns the limit off."""
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(name, f"expected a number a second (0: no limit), got {raw!r}") from None
-    if not 0 <= value < float("inf"):
+    value = _number(name, raw, "a number a second (0: no limit)")
+    if value < 0:
         raise ConfigError(name, f"must be 0 (no limit) or more, got {raw!r}")
     return value
 
