@@ -172,7 +172,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         forward_lease=get("FORWARD_LEASE", _seconds, d.forward_lease),
         upstream_timeout=get("UPSTREAM_TIMEOUT", _seconds, d.upstream_timeout),
         shutdown_timeout=get("SHUTDOWN_TIMEOUT", _seconds, d.shutdown_timeout),
-        upstream_rate_limit=get("UPSTREAM_RATE_LIMIT", _seconds, d.upstream_rate_limit),
+        upstream_rate_limit=get("UPSTREAM_RATE_LIMIT", _per_second, d.upstream_rate_limit),
         retry_base=get("RETRY_BASE", _seconds, d.retry_base),
         retry_cap=get("RETRY_CAP", _seconds, d.retry_cap),
         shards=get("SHARDS", _positive_int, d.shards),
@@ -265,6 +265,13 @@ def _non_negative(name: str, raw: str) -> float:
     value = _number(name, raw, "a number of seconds")
     if value < 0:
         raise ConfigError(name, f"must be 0 or more, got {raw!r}")
+    return value
+
+
+def _per_second(name: str, raw: str) -> float:
+    value = _number(name, raw, "a number a second")
+    if not value > 0:
+        raise ConfigError(name, f"must be a positive number, got {raw!r}")
     return value
 
 
