@@ -243,44 +243,29 @@ def _bool(name: str, raw: str) -> bool:
     raise ConfigError(name, f"expected 1 or 0, got {raw!r}")
 
 
-def _number(name: str, raw: str, expected: str) -> float:
-    """A finite number, or ConfigError saying what was `expected`."""
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise ConfigError(name, f"expected {expected}, got {raw!r}")
-    return value
+def _number(expected: str, zero: str | None = None) -> Callable[[str, str], float]:
+    """A reader of finite numbers above 0; from 0 when `zero` is given (what 0 means)."""
+
+    def read(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ConfigError(name, f"expected {expected}, got {raw!r}")
+        if value < 0 or (value == 0 and zero is None):
+            meaning = f" ({zero})" if zero else ""
+            bound = "a positive number" if zero is None else f"0{meaning} or more"
+            raise ConfigError(name, f"must be {bound}, got {raw!r}")
+        return value
+
+    return read
 
 
-def _seconds(name: str, raw: str) -> float:
-    value = _number(name, raw, "a number of seconds")
-    if not value > 0:
-        raise ConfigError(name, f"must be a positive number, got {raw!r}")
-    return value
-
-
-def _non_negative(name: str, raw: str) -> float:
-    value = _number(name, raw, "a number of seconds")
-    if value < 0:
-        raise ConfigError(name, f"must be 0 or more, got {raw!r}")
-    return value
-
-
-def _per_second(name: str, raw: str) -> float:
-    value = _number(name, raw, "a number a second")
-    if not value > 0:
-        raise ConfigError(name, f"must be a positive number, got {raw!r}")
-    return value
-
-
-def _rate(name: str, raw: str) -> float:
-    """Per second; 0 turns the limit off."""
-    value = _number(name, raw, "a number a second (0: no limit)")
-    if value < 0:
-        raise ConfigError(name, f"must be 0 (no limit) or more, got {raw!r}")
-    return value
+_seconds = _number("a number of seconds")
+_non_negative = _number("a number of seconds", zero="")
+_per_second = _number("a number a second")
+_rate = _number("a number a second (0: no limit)", zero="no limit")
 
 
 def _positive_int(name: str, raw: str) -> int:
