@@ -46,7 +46,6 @@ class LayoutMismatch(ConfigError):
             "remembered so far are forgotten, pending events may be stranded), start all "
             "with the new values",
         )
-        self.recorded = recorded
 
 
 class RequestError(GatewayError):
