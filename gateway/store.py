@@ -795,18 +795,23 @@ class Store:
         """Where keys live: instances sharing a Redis must agree on it (see LAYOUT_KEY)."""
         return f"shards={self.shards} dedup_buckets={self.dedup_buckets}"
 
-    async def check_layout(self) -> None:
-        """Record our layout in Redis if none is, else compare; LayoutMismatch if they differ.
+    async def check_layout(self, *, record: bool = True) -> None:
+        """Compare our layout with the one recorded in Redis, LayoutMismatch if they differ;
+        with `record`, ours is recorded when none is (a gateway's; an admin command only
+        compares: run with the wrong settings, it must not decide for the gateways).
 
         Instances that disagree on shards or buckets each miss the keys of the others:
         copies of one event go unmerged, duplicates undropped, pending events unsent."""
         if self._layout_checked:
             return
         async with self._guard():
-            await self.client.set(LAYOUT_KEY, self.layout, nx=True)
-            recorded = _text(await self.client.get(LAYOUT_KEY))
-        if recorded != self.layout:
-            raise LayoutMismatch(recorded, self.layout)
+            if record:
+                await self.client.set(LAYOUT_KEY, self.layout, nx=True)
+            recorded = await self.client.get(LAYOUT_KEY)
+        if recorded is None:
+            return
+        if _text(recorded) != self.layout:
+            raise LayoutMismatch(_text(recorded), self.layout)
         self._layout_checked = True
 
     async def ping(self) -> None:

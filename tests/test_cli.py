@@ -17,9 +17,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from gateway import __version__
 from gateway.cli import main
+from gateway.store import LAYOUT_KEY
 from tests.conftest import PIXEL, PIXEL2, TOKEN, TOKEN2, Gateway, GatewayFactory, free_port
 from tests.helpers import post_server, server_event, sha256
 from tests.tiktok_stub import TikTokStub
@@ -145,10 +147,19 @@ async def test_check_config_against_redis_says_ok(cli: Cli) -> None:
     assert result.err == ""
 
 
-async def test_check_config_refuses_a_redis_laid_out_for_other_shards(
-    cli: Cli, monkeypatch: pytest.MonkeyPatch
+async def test_check_config_records_no_layout_of_its_own(
+    cli: Cli, redis_client: aioredis.Redis
 ) -> None:
-    assert (await cli("check-config")).code == 0  # the first instance records its layout
+    assert (await cli("check-config")).code == 0
+    # Run with settings other than the gateways', it must not lock them out.
+    assert await redis_client.get(LAYOUT_KEY) is None
+
+
+async def test_check_config_refuses_a_redis_laid_out_for_other_shards(
+    cli: Cli, make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await make_gateway()  # 4 shards, as the CLI here: it records the layout
+    assert (await cli("check-config")).code == 0
     monkeypatch.setenv("GATEWAY_SHARDS", "8")
     result = await cli("check-config")
     assert result.code == 2, result
