@@ -7,7 +7,9 @@ email, phone and external_id hashed, so forwarding is a merge and a dump.
 
 `normalise_event` builds that body from one raw Events API 2.0 `data[]` item,
 validating every field TikTok defines (PRODUCT.md 3a) and hashing the user's
-PII through `gateway.pii`.
+PII through `gateway.pii`. It refuses only what TikTok refuses or what would
+harm the gateway; a value TikTok documents but does not enforce is forwarded as
+sent with a field warning (docs/field-rules.md has every rule and its class).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from gateway.errors import InvalidEvent
-from gateway.pii import normalise_user
+from gateway.field_warnings import OUT_OF_RANGE, UNKNOWN_VALUE, FieldWarning
+from gateway.pii import ATT_STATUSES, normalise_user
 
 Source = Literal["pixel", "server"]
 SOURCES: tuple[Source, ...] = ("pixel", "server")
@@ -42,6 +45,7 @@ class Event:
     body: dict[str, Any]
     test_event_code: str | None = None
     event_source: str = "web"
+    warnings: tuple[FieldWarning, ...] = ()  # what was flagged, each (field, reason) once
 
     @property
     def name(self) -> str:
@@ -106,7 +110,7 @@ STANDARD_EVENTS = frozenset(
 )
 
 # ISO 4217 (current codes plus a few recently withdrawn that clients still
-# send). TikTok supports a subset; an unsupported one fails only at TikTok.
+# send). TikTok documents a subset; any other code is forwarded with a warning.
 CURRENCIES = frozenset(
     {
         "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD",
@@ -148,12 +152,17 @@ def is_standard_event(name: str) -> bool:
 
 
 def normalise_event(
-    raw: Mapping[str, Any], *, now: float, phone_region: str | None, warnings: list[str]
+    raw: Mapping[str, Any],
+    *,
+    now: float,
+    phone_region: str | None,
+    warnings: list[FieldWarning],
 ) -> dict[str, Any]:
     """The clean Events API 2.0 body of one event; raises InvalidEvent naming the field.
 
     Unknown top-level fields are dropped; null, "", [] and {} count as absent.
-    Dropped user values append a warning kind to `warnings`.
+    Dropped user values and values TikTok only advises against append a field
+    warning to `warnings`.
     """
     body: dict[str, Any] = {
         "event": validate_event_name(raw.get("event")),
@@ -171,6 +180,12 @@ def normalise_event(
         value = clean(raw.get(key), key)
         if value is not None:
             body[key] = value
+    properties = body.get("properties")
+    if properties is not None:
+        advise(properties, warnings)
+        _lift_content_type(properties)
+        _fill_value(properties)
+    _advise_share_and_att(body, warnings)
     _fill_ttclid_from_page(body)
     return body
 
@@ -342,62 +357,92 @@ def _as_number(value: Any) -> int | float | None:
     return value if _INT_MIN <= value <= _INT_MAX else None
 
 
+# TikTok's types are enforced here; the ranges and lists it documents are only
+# advice (`advise`): a negative value or an unlisted currency is forwarded.
+
+
 def _money(value: Any, field: str) -> int | float | None:
     if value is None or value == "":
         return None
     number = _as_number(value)
-    if number is None or number < 0:
-        raise InvalidEvent(field, "must be a number of at least 0, digits only (e.g. 10.00)")
+    if number is None:
+        raise InvalidEvent(field, "must be a number, digits only (e.g. 10.00)")
     return number
 
 
-def _whole(value: Any, field: str, minimum: int) -> int | None:
+def _whole(value: Any, field: str) -> int | None:
     if value is None or value == "":
         return None
     number = _as_number(value)
     if isinstance(number, float) and number.is_integer():
         number = int(number)
-    if not isinstance(number, int) or not minimum <= number <= _INT_MAX:
-        kind = "a positive integer" if minimum > 0 else "an integer of at least 0"
-        raise InvalidEvent(field, f"must be {kind}")
+    if not isinstance(number, int):
+        raise InvalidEvent(field, "must be an integer")
     return number
-
-
-def _quantity(value: Any, field: str) -> int | None:
-    return _whole(value, field, 1)
-
-
-def _count(value: Any, field: str) -> int | None:
-    return _whole(value, field, 0)
 
 
 def _share(value: Any, field: str) -> float | None:
     if value is None:
         return None
     number = _as_number(value)
-    if number is None or not 0 <= number <= 1:
-        raise InvalidEvent(field, "must be a number from 0 to 1")
+    if number is None:
+        raise InvalidEvent(field, "must be a number (TikTok expects 0 to 1)")
     return float(number)
 
 
 def _currency(value: Any, field: str) -> str | None:
+    """A listed code upper-cased; any other string as sent."""
     text = _text(value, field)
     if text is None:
         return None
     code = text.strip().upper()
-    if code not in CURRENCIES:
-        raise InvalidEvent(field, "must be an ISO 4217 currency code, e.g. USD")
-    return code
+    return code if code in CURRENCIES else text
 
 
 def _content_type(value: Any, field: str) -> str | None:
+    """`product` or `product_group` lower-cased; any other string (e.g. "socks") as sent."""
     text = _text(value, field)
     if text is None:
         return None
     kind = text.strip().lower()
-    if kind not in CONTENT_TYPES:
-        raise InvalidEvent(field, "must be 'product' or 'product_group'")
-    return kind
+    return kind if kind in CONTENT_TYPES else text
+
+
+# What TikTok documents for a field and does not enforce: (holds, reason if not).
+_ADVICE: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "content_type": (CONTENT_TYPES.__contains__, UNKNOWN_VALUE),
+    "currency": (CURRENCIES.__contains__, UNKNOWN_VALUE),
+    "value": (lambda number: number >= 0, OUT_OF_RANGE),
+    "price": (lambda number: number >= 0, OUT_OF_RANGE),
+    "quantity": (lambda number: number >= 1, OUT_OF_RANGE),
+    "num_items": (lambda number: number >= 0, OUT_OF_RANGE),
+}
+
+
+def advise(properties: Mapping[str, Any], warnings: list[FieldWarning]) -> None:
+    """Append a field warning for each cleaned property (and contents item field)
+    outside what TikTok documents; the values themselves stay as they are."""
+    _advise_fields(properties, "properties", _PROPERTY_FIELDS, warnings)
+    for item in properties.get("contents") or ():
+        _advise_fields(item, "properties.contents", _ITEM_FIELDS, warnings)
+
+
+def _advise_fields(
+    fields: Mapping[str, Any], path: str, typed: Mapping[str, Cleaner], warnings: list[FieldWarning]
+) -> None:
+    # Only fields a typed cleaner produced: a free-form "price" could be anything.
+    for key, (holds, reason) in _ADVICE.items():
+        if key in fields and key in typed and not holds(fields[key]):
+            warnings.append(FieldWarning(f"{path}.{key}", reason))
+
+
+def _advise_share_and_att(body: Mapping[str, Any], warnings: list[FieldWarning]) -> None:
+    share = body.get("ad", {}).get("attribution_share")
+    if share is not None and not 0 <= share <= 1:
+        warnings.append(FieldWarning("ad.attribution_share", OUT_OF_RANGE))
+    att_status = body.get("user", {}).get("att_status")
+    if att_status is not None and att_status not in ATT_STATUSES:
+        warnings.append(FieldWarning("user.att_status", UNKNOWN_VALUE))
 
 
 # --- free-form values: custom properties, `device` ----------------------------
@@ -472,7 +517,7 @@ def _section(known: Mapping[str, Cleaner], keep_unknown: bool = False) -> Cleane
 
 _ITEM_FIELDS: dict[str, Cleaner] = {
     "price": _money,
-    "quantity": _quantity,
+    "quantity": _whole,
     "content_id": _id_text,
     "content_type": _content_type,
 }
@@ -494,7 +539,7 @@ _PROPERTY_FIELDS: dict[str, Cleaner] = {
     **_ITEM_FIELDS,
     "value": _money,
     "currency": _currency,
-    "num_items": _count,
+    "num_items": _whole,
     "content_ids": _id_list,
     "contents": _contents,
     "order_id": _id_text,
@@ -507,10 +552,7 @@ def _properties(value: Any, field: str) -> dict[str, Any] | None:
     obj = _object(value, field)
     if obj is None:
         return None
-    properties = _fields(obj, field, _PROPERTY_FIELDS)
-    _lift_content_type(properties)
-    _fill_value(properties)
-    return properties or None
+    return _fields(obj, field, _PROPERTY_FIELDS) or None
 
 
 def _lift_content_type(properties: dict[str, Any]) -> None:

@@ -12,13 +12,14 @@ through `events.normalise_event`, the one validator. A problem with the whole
 request raises InvalidRequest; a problem with one event becomes a `Refusal`
 naming the field by its path in the request ("data.3.event_time"), and the
 other events are still returned (pixel/track, having one event, raises
-InvalidEvent instead). Dropped match keys (a bad ip, an unusable phone) are
-not refusals: they are reported in `ParsedBody.warnings`, one kind per
-occurrence (`WARNING_KINDS`).
+InvalidEvent instead). Dropped match keys (a bad ip, an unusable phone) and
+values TikTok only advises against are not refusals: each accepted `Event`
+carries its field warnings, each (field, reason) once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,14 +34,12 @@ from gateway.events import (
     normalise_event,
     ttclid_from_url,
 )
-from gateway.pii import WARNING_KINDS as PII_WARNING_KINDS
+from gateway.field_warnings import FieldWarning
 
 MAX_JSON_DEPTH = 32  # nesting of objects and lists in a request body
 DEFAULT_MAX_EVENTS = 1000  # TikTok's own cap per request
 MAX_CODE_LENGTH = 64  # pixel_code / event_source_id
 MAX_TEST_EVENT_CODE_LENGTH = 256
-
-WARNING_KINDS: tuple[str, ...] = PII_WARNING_KINDS
 
 # Letters, digits, '_' and '-': what TikTok's pixel codes and event set ids
 # are made of, and nothing that could break a Redis key's {hash tag}.
@@ -78,19 +77,18 @@ class Refusal:
 
 @dataclass(frozen=True, slots=True)
 class ParsedBody:
-    """The accepted events of one request, the refused ones, and warnings."""
+    """The accepted events of one request (with their field warnings) and the refused ones."""
 
     pixel_code: str | None  # pixel whose Access-Token is checked; None for browser bodies
     events: list[Event]
     refused: list[Refusal]
-    warnings: list[str]  # one WARNING_KINDS entry per dropped value
 
 
 # An event's 2.0 path -> its path in the body as sent, e.g. ("user.ip", "context.ip").
 Renames = list[tuple[str, str]]
 # One raw event in, its Event out. Raises InvalidEvent with the field's path in
 # 2.0 form; appends to the warnings and renames lists it is given.
-Converter = Callable[[Any, list[str], Renames], Event]
+Converter = Callable[[Any, list[FieldWarning], Renames], Event]
 
 
 # --- JSON ---------------------------------------------------------------------
@@ -157,7 +155,7 @@ def parse_event_track(doc: Any, opts: ParseOptions) -> ParsedBody:
     test_code = _test_event_code(body.get("test_event_code"), "test_event_code", InvalidRequest)
     items = _event_list(body.get("data"), "data", opts)
 
-    def convert(raw: Any, warnings: list[str], renames: Renames) -> Event:
+    def convert(raw: Any, warnings: list[FieldWarning], renames: Renames) -> Event:
         item = _event_object(raw)
         item = dict(item, user=_with_user_aliases(item.get("user"), "user", renames))
         # Segment once sent test_event_code inside data[]; honour it there too.
@@ -173,13 +171,13 @@ def parse_pixel_track(doc: Any, opts: ParseOptions) -> ParsedBody:
     body = _request_object(doc)
     pixel_code = _pixel_code(body.get("pixel_code"), "pixel_code")
     test_code = _test_event_code(body.get("test_event_code"), "test_event_code", InvalidRequest)
-    warnings: list[str] = []
+    warnings: list[FieldWarning] = []
     renames: Renames = []
     try:
         event = _pixel_event(body, pixel_code, test_code, opts, warnings, renames)
     except InvalidEvent as exc:
         raise InvalidEvent(_translate(exc.field, renames), exc.reason) from None
-    return ParsedBody(pixel_code, [event], [], warnings)
+    return ParsedBody(pixel_code, [_with_warnings(event, warnings)], [])
 
 
 def parse_pixel_batch(doc: Any, opts: ParseOptions) -> ParsedBody:
@@ -189,7 +187,7 @@ def parse_pixel_batch(doc: Any, opts: ParseOptions) -> ParsedBody:
     test_code = _test_event_code(body.get("test_event_code"), "test_event_code", InvalidRequest)
     items = _event_list(body.get("batch"), "batch", opts)
 
-    def convert(raw: Any, warnings: list[str], renames: Renames) -> Event:
+    def convert(raw: Any, warnings: list[FieldWarning], renames: Renames) -> Event:
         item = _event_object(raw)
         if item.get("type") not in (None, "track"):
             raise InvalidEvent("type", "must be 'track'")
@@ -210,7 +208,7 @@ def parse_browser(doc: Any, opts: ParseOptions, ctx: BrowserContext) -> ParsedBo
     else:
         raise InvalidRequest("", "body must be an event object or a list of them")
 
-    def convert(raw: Any, warnings: list[str], renames: Renames) -> Event:
+    def convert(raw: Any, warnings: list[FieldWarning], renames: Renames) -> Event:
         return _browser_event(_event_object(raw), ctx, opts, warnings, renames)
 
     return _parse_events(items, prefix, convert, None)
@@ -225,18 +223,22 @@ def _parse_events(
     """Convert each event; a bad one becomes a Refusal and its warnings are discarded."""
     events: list[Event] = []
     refused: list[Refusal] = []
-    warnings: list[str] = []
     for index, raw in enumerate(items):
-        event_warnings: list[str] = []
+        warnings: list[FieldWarning] = []
         renames: Renames = []
         try:
-            events.append(convert(raw, event_warnings, renames))
+            events.append(_with_warnings(convert(raw, warnings, renames), warnings))
         except InvalidEvent as exc:
             field = _translate(exc.field, renames)
             refused.append(Refusal(index, _join(prefix, index, field), exc.reason))
-            continue
-        warnings.extend(event_warnings)
-    return ParsedBody(pixel_code, events, refused, warnings)
+    return ParsedBody(pixel_code, events, refused)
+
+
+def _with_warnings(event: Event, warnings: list[FieldWarning]) -> Event:
+    """The event carrying its warnings, each (field, reason) once, in order of finding."""
+    if not warnings:  # nearly every event: no copy
+        return event
+    return dataclasses.replace(event, warnings=tuple(dict.fromkeys(warnings)))
 
 
 def _join(prefix: str, index: int, field: str) -> str:
@@ -252,7 +254,9 @@ def _translate(field: str, renames: Renames) -> str:
     return field
 
 
-def _normalise(item: dict[str, Any], opts: ParseOptions, warnings: list[str]) -> dict[str, Any]:
+def _normalise(
+    item: dict[str, Any], opts: ParseOptions, warnings: list[FieldWarning]
+) -> dict[str, Any]:
     return normalise_event(item, now=opts.now, phone_region=opts.phone_region, warnings=warnings)
 
 
@@ -339,7 +343,7 @@ def _pixel_event(
     pixel_code: str,
     test_code: str | None,
     opts: ParseOptions,
-    warnings: list[str],
+    warnings: list[FieldWarning],
     renames: Renames,
 ) -> Event:
     """One Events 1.0 event as an Event; `renames` learns the 1.0 paths of moved fields."""
@@ -391,7 +395,7 @@ def _browser_event(
     raw: dict[str, Any],
     ctx: BrowserContext,
     opts: ParseOptions,
-    warnings: list[str],
+    warnings: list[FieldWarning],
     renames: Renames,
 ) -> Event:
     pixel_code = _pixel_code(raw.get("pixel_code"), "pixel_code", InvalidEvent)
@@ -425,7 +429,6 @@ def _browser_user(user: dict[str, Any], page: Any, ctx: BrowserContext) -> dict[
 __all__ = [
     "DEFAULT_MAX_EVENTS",
     "MAX_JSON_DEPTH",
-    "WARNING_KINDS",
     "BrowserContext",
     "ParseOptions",
     "ParsedBody",

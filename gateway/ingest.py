@@ -38,8 +38,9 @@ from .errors import (
     RateLimited,
 )
 from .events import Event, Source, ttclid_from_url
+from .field_warnings import WarningLog
 from .forwarder import Forwarder
-from .metrics import WARNING_KINDS, Metrics
+from .metrics import Metrics
 from .pii import is_plain_ipv4
 from .settings import Settings
 from .store import IngestResult, IngestStatus, Store
@@ -59,6 +60,7 @@ class IngestContext:
     metrics: Metrics
     forwarder: Forwarder | None
     clock: Callable[[], float] = time.time
+    warning_log: WarningLog = dataclasses.field(default_factory=WarningLog)
 
 
 CONTEXT: web.AppKey[IngestContext] = web.AppKey("ingest_context", IngestContext)
@@ -350,7 +352,7 @@ def _only_configured_pixels(
             refused.append(formats.Refusal(position, field, "unknown pixel code"))
             ctx.metrics.rejected.labels("unknown_pixel").inc()
     refused.sort(key=lambda r: r.index)
-    return formats.ParsedBody(None, events, refused, parsed.warnings)
+    return formats.ParsedBody(None, events, refused)
 
 
 # -- shared by both sources ----------------------------------------------------
@@ -392,7 +394,6 @@ def _options(ctx: IngestContext, now: float) -> formats.ParseOptions:
 async def _store_and_answer(
     request: web.Request, ctx: IngestContext, parsed: formats.ParsedBody, now: float
 ) -> web.Response:
-    _count_warnings(ctx.metrics, parsed.warnings)
     if parsed.refused:
         ctx.metrics.rejected.labels("invalid_event").inc(len(parsed.refused))
     if not parsed.events:
@@ -426,6 +427,9 @@ def _count_results(
     for event, result in zip(events, results, strict=True):
         pixel = metrics.pixel_label(event.pixel_code, configured)
         outcomes[event.source, pixel, result.status] += 1
+        for warning in event.warnings:  # counted once stored: a refused request counts none
+            metrics.field_warnings.labels(pixel, warning.field, warning.reason).inc()
+            ctx.warning_log.note(pixel, event.pixel_code, warning)
         wake = wake or result.status == "complete" or (
             result.status == "new" and event.event_id is None
         )
@@ -451,14 +455,13 @@ def _count_results(
         ctx.forwarder.wake()
 
 
-def _count_warnings(metrics: Metrics, warnings: Sequence[str]) -> None:
-    for kind in warnings:
-        metrics.input_warnings.labels(kind if kind in WARNING_KINDS else "other").inc()
-
-
 def _timeline(event: Event, now: float) -> bytes:
-    """A timeline entry naming the fields a copy brought, never their values."""
-    entry = {"at": round(now, 3), "source": event.source, "fields": field_names(event.body)}
+    """A timeline entry naming the fields a copy brought and its field warnings, never values."""
+    entry: dict[str, Any] = {
+        "at": round(now, 3), "source": event.source, "fields": field_names(event.body)
+    }
+    if event.warnings:
+        entry["warnings"] = [warning.as_dict() for warning in event.warnings]
     return orjson.dumps(entry)
 
 

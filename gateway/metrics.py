@@ -3,8 +3,9 @@
 Label values are bounded: pixels come from configuration (sandbox traffic is
 labelled "sandbox"), event names are TikTok's standard names or "custom",
 reasons, outcomes and code classes come from fixed sets defined here and in
-`upstream.CODE_CLASSES`. Known label values are created at zero, so `rate()`
-and the dashboard see every series from the first scrape.
+`upstream.CODE_CLASSES`, field warnings from `field_warnings.FIELD_WARNINGS`.
+Known label values are created at zero, so `rate()` and the dashboard see
+every series from the first scrape.
 
 Gauges that need Redis (pending, dead letters, forward lag, Redis up) are set
 by a background task in `app.py`; a scrape never waits on Redis.
@@ -34,7 +35,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__
 from .events import SOURCES, STANDARD_EVENTS, Source
-from .formats import WARNING_KINDS as FORMAT_WARNING_KINDS
+from .field_warnings import FIELD_WARNINGS
 
 SANDBOX_PIXEL = "sandbox"
 MATCH_KEYS = ("email", "phone", "external_id", "ttp", "ttclid", "ip", "user_agent")
@@ -65,7 +66,6 @@ EVENT_LABELS = (*sorted(STANDARD_EVENTS), CUSTOM_EVENT)
 # How a forwarded key was seen: from both sources (the pair matched) or from one.
 PAIR_SOURCES = ("both", "pixel_only", "server_only")
 DEAD_LETTER_REASONS = ("rejected", "auth", "too_old")
-WARNING_KINDS = (*FORMAT_WARNING_KINDS, "other")
 INGEST_ENDPOINTS = ("event_track", "pixel_track", "pixel_batch", "browser")
 
 # Ingest is sub-millisecond to a few ms; forwarding is a network call to TikTok (tens of
@@ -89,7 +89,7 @@ class Metrics:
     forwarded: Counter
     rejected: Counter
     dead_lettered: Counter
-    input_warnings: Counter
+    field_warnings: Counter
     forward_requests: Counter
     forward_retries: Counter
     forwarded_keys: Counter
@@ -155,9 +155,11 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
             "gateway_events_dead_lettered", "Events moved to the dead-letter stream.", ["reason"],
             registry=registry,
         ),
-        input_warnings=Counter(
-            "gateway_input_warnings", "Fields dropped from accepted events (e.g. an invalid ip).",
-            ["kind"], registry=registry,
+        field_warnings=Counter(
+            "gateway_field_warnings",
+            "Fields of accepted events flagged, once per event: forwarded as sent (a value "
+            "TikTok only advises against) or dropped (a match key that cannot be normalised).",
+            ["pixel", "field", "reason"], registry=registry,
         ),
         forward_requests=Counter(
             "gateway_forward_requests",
@@ -228,6 +230,8 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
         m.upstream_auth_failures.labels(pixel)
         for key in MATCH_KEYS:
             m.match_keys.labels(pixel, key)
+        for warning in FIELD_WARNINGS:
+            m.field_warnings.labels(pixel, warning.field, warning.reason)
         for event in EVENT_LABELS:
             for sources in PAIR_SOURCES:
                 m.forwarded_keys.labels(pixel, event, sources)
@@ -235,8 +239,6 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
         m.rejected.labels(reason)
     for reason in DEAD_LETTER_REASONS:
         m.dead_lettered.labels(reason)
-    for kind in WARNING_KINDS:
-        m.input_warnings.labels(kind)
     for endpoint in INGEST_ENDPOINTS:
         m.ingest_duration.labels(endpoint)
     for outcome, classes in FORWARD_CODE_CLASSES.items():

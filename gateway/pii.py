@@ -6,10 +6,10 @@ trimmed but case kept. A value that already is a 64-hex digest was hashed by
 the client and passes through lower-cased, so hashing twice is harmless.
 
 Each `normalise_*` returns the value ready for TikTok, or None when the input
-is empty (empty is absent: never hashed). A value that is present but unusable
-raises `Dropped(kind)`; the caller drops the field and counts a warning `kind`
-instead of refusing the whole event (ip, phone, email are match keys, not the
-event itself).
+is empty (empty is absent: never hashed). A match key that is present but
+unusable raises `Dropped(reason)`; the caller drops the field and records a
+field warning instead of refusing the whole event (ip, phone, email are match
+keys, not the event itself).
 
 `normalise_user` turns one Events API 2.0 `user` object into its clean form.
 """
@@ -26,22 +26,7 @@ from typing import Any
 import phonenumbers
 
 from gateway.errors import InvalidEvent
-
-# Warning kinds, one counted per dropped value; a bounded set for metric labels.
-INVALID_IP = "invalid_ip"
-INVALID_PHONE = "invalid_phone"
-PHONE_WITHOUT_REGION = "phone_without_region"
-INVALID_EMAIL = "invalid_email"
-INVALID_ATT_STATUS = "invalid_att_status"
-UNKNOWN_USER_FIELD = "unknown_user_field"
-WARNING_KINDS: tuple[str, ...] = (
-    INVALID_IP,
-    INVALID_PHONE,
-    PHONE_WITHOUT_REGION,
-    INVALID_EMAIL,
-    INVALID_ATT_STATUS,
-    UNKNOWN_USER_FIELD,
-)
+from gateway.field_warnings import NO_COUNTRY_CODE, UNKNOWN_FIELD, UNPARSEABLE, FieldWarning
 
 MAX_PII_LENGTH = 8192  # longest string accepted in any user field
 MAX_PII_ITEMS = 100  # longest list accepted for email, phone, external_id
@@ -55,11 +40,11 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 
 
 class Dropped(ValueError):
-    """A present but unusable value; `kind` is the warning to count."""
+    """A present but unusable value; `reason` is the field warning's reason."""
 
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def sha256_hex(text: str) -> str:
@@ -83,14 +68,14 @@ def canonical_email(value: str) -> str:
 
 
 def normalise_email(value: str) -> str | None:
-    """SHA-256 of the canonical email; raises Dropped("invalid_email") for a non-address."""
+    """SHA-256 of the canonical email; raises Dropped("unparseable") for a non-address."""
     email = canonical_email(value)
     if not email:
         return None
     if is_sha256_hex(email):
         return email
     if _EMAIL.fullmatch(email) is None:
-        raise Dropped(INVALID_EMAIL)
+        raise Dropped(UNPARSEABLE)
     return sha256_hex(email)
 
 
@@ -98,7 +83,7 @@ def e164(value: str, region: str | None) -> str:
     """The phone number as "+<digits>"; raises Dropped when that cannot be known.
 
     A number without a country code is read in `region`; with no region it is
-    dropped rather than guessed ("phone_without_region").
+    dropped rather than guessed ("no_country_code").
     """
     try:
         number = phonenumbers.parse(value, region)
@@ -107,12 +92,12 @@ def e164(value: str, region: str | None) -> str:
         # With a "+", the code itself is bad.
         no_code = exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE
         if no_code and region is None and not _has_plus(value):
-            raise Dropped(PHONE_WITHOUT_REGION) from None
-        raise Dropped(INVALID_PHONE) from None
+            raise Dropped(NO_COUNTRY_CODE) from None
+        raise Dropped(UNPARSEABLE) from None
     # Possible (right length for the country), not "valid": the validity
     # metadata lags new number ranges, and a lost real number costs a match.
     if not phonenumbers.is_possible_number(number):
-        raise Dropped(INVALID_PHONE)
+        raise Dropped(UNPARSEABLE)
     formatted: str = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     return formatted
 
@@ -150,7 +135,7 @@ def normalise_place(value: str) -> str | None:
 
 
 def normalise_ip(value: str) -> str | None:
-    """The address in compressed form; raises Dropped("invalid_ip")."""
+    """The address in compressed form; raises Dropped("unparseable")."""
     text = value.strip()
     if not text:
         return None
@@ -159,7 +144,7 @@ def normalise_ip(value: str) -> str | None:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        raise Dropped(INVALID_IP) from None
+        raise Dropped(UNPARSEABLE) from None
     # A dual-stack proxy reports IPv4 clients as ::ffff:a.b.c.d; TikTok knows
     # them by the IPv4 address.
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -178,13 +163,12 @@ def is_plain_ipv4(text: str) -> bool:
 
 
 def normalise_att_status(value: str) -> str | None:
-    """One of TikTok's ATT statuses, upper-cased; raises Dropped otherwise."""
+    """One of TikTok's ATT statuses, upper-cased; any other value as sent (TikTok
+    documents the list but the gateway leaves the verdict to it: a field warning)."""
     text = value.strip().upper()
     if not text:
         return None
-    if text not in ATT_STATUSES:
-        raise Dropped(INVALID_ATT_STATUS)
-    return text
+    return text if text in ATT_STATUSES else value
 
 
 def _raw(value: str) -> str | None:
@@ -220,12 +204,13 @@ _NUMBER_AS_TEXT = frozenset({"phone", "external_id", "zip_code"})
 
 
 def normalise_user(
-    raw: Mapping[str, Any], *, path: str, region: str | None, warnings: list[str]
+    raw: Mapping[str, Any], *, path: str, region: str | None, warnings: list[FieldWarning]
 ) -> dict[str, Any]:
     """The clean `user` object: known fields normalised and hashed, others dropped.
 
     Wrong types raise InvalidEvent naming `path.<field>`; unusable values are
-    dropped with a warning appended to `warnings`.
+    dropped with a field warning appended to `warnings` (named by the 2.0 path,
+    "user.phone", whatever `path` the client sent it under).
     """
     list_normalisers: dict[str, Normaliser] = {
         "email": normalise_email,
@@ -241,7 +226,7 @@ def normalise_user(
             cleaned = _single(value, field, _SINGLE_FIELDS[key], key, warnings)
         else:
             # Unknown fields could hold raw PII that must not be stored.
-            warnings.append(UNKNOWN_USER_FIELD)
+            warnings.append(FieldWarning("user", UNKNOWN_FIELD))
             continue
         if cleaned is not None:
             user[key] = cleaned
@@ -263,23 +248,25 @@ def _text(value: Any, field: str, key: str) -> str | None:
     return value
 
 
-def _apply(normalise: Normaliser, text: str, warnings: list[str]) -> str | None:
+def _apply(
+    normalise: Normaliser, text: str, key: str, warnings: list[FieldWarning]
+) -> str | None:
     try:
         return normalise(text)
     except Dropped as dropped:
-        warnings.append(dropped.kind)
+        warnings.append(FieldWarning(f"user.{key}", dropped.reason))
         return None
 
 
 def _single(
-    value: Any, field: str, normalise: Normaliser, key: str, warnings: list[str]
+    value: Any, field: str, normalise: Normaliser, key: str, warnings: list[FieldWarning]
 ) -> str | None:
     text = _text(value, field, key)
-    return None if text is None else _apply(normalise, text, warnings)
+    return None if text is None else _apply(normalise, text, key, warnings)
 
 
 def _list_or_string(
-    value: Any, field: str, normalise: Normaliser, key: str, warnings: list[str]
+    value: Any, field: str, normalise: Normaliser, key: str, warnings: list[FieldWarning]
 ) -> str | list[str] | None:
     """A string stays a string; a list stays a list, deduplicated, order kept."""
     if not isinstance(value, list):

@@ -158,8 +158,10 @@ def _value_not_a_number(shape: Shape, event: dict[str, Any]) -> str:
     return "properties.value"
 
 
-def _quantity_not_positive(shape: Shape, event: dict[str, Any]) -> str:
-    event["properties"]["contents"] = [{"content_id": "sku-1", "quantity": 0}]
+def _quantity_not_an_integer(shape: Shape, event: dict[str, Any]) -> str:
+    # A wrong type is refused; quantity 0 (outside TikTok's advice) is forwarded with a
+    # field warning (tests/test_field_warnings.py).
+    event["properties"]["contents"] = [{"content_id": "sku-1", "quantity": 1.5}]
     return "properties.contents.0.quantity"
 
 
@@ -175,7 +177,7 @@ MUTATIONS: dict[str, Mutation] = {
     "event_time an hour ahead": _event_time_in_the_future,
     "user a list": _user_a_list,
     "properties.value abc": _value_not_a_number,
-    "quantity 0": _quantity_not_positive,
+    "quantity 1.5": _quantity_not_an_integer,
     "properties a string": _properties_a_string,
 }
 
@@ -469,7 +471,8 @@ async def test_an_invalid_ip_is_dropped_with_a_warning_not_a_refusal(
     assert (status, answer["code"]) == (200, 0)
     [forwarded] = await tiktok.wait_for_events(1)
     assert "ip" not in forwarded["user"]
-    assert gateway.metric("gateway_input_warnings_total", {"kind": "invalid_ip"}) == 1
+    labels = {"pixel": PIXEL, "field": "user.ip", "reason": "unparseable"}
+    assert gateway.metric("gateway_field_warnings_total", labels) == 1
 
 
 # -- whatever a client sends, never a 5xx ------------------------------------------------

@@ -32,6 +32,14 @@ from gateway.events import (
     validate_event_id,
     validate_event_name,
 )
+from gateway.field_warnings import (
+    FIELD_WARNINGS,
+    NO_COUNTRY_CODE,
+    OUT_OF_RANGE,
+    UNKNOWN_VALUE,
+    UNPARSEABLE,
+    FieldWarning,
+)
 
 NOW = 1_695_723_400.5  # 2023-09-26T10:16:40.5Z
 T = 1_695_723_330  # 2023-09-26T10:15:30Z
@@ -307,7 +315,7 @@ def test_ttclid_from_url() -> None:
 
 
 def test_warnings_are_collected() -> None:
-    warnings: list[str] = []
+    warnings: list[FieldWarning] = []
     body = normalise_event(
         {"event": "Purchase", "user": {"ip": "bad", "phone": "2133734253"}},
         now=NOW,
@@ -315,7 +323,87 @@ def test_warnings_are_collected() -> None:
         warnings=warnings,
     )
     assert "user" not in body
-    assert warnings == ["invalid_ip", "phone_without_region"]
+    assert warnings == [
+        FieldWarning("user.ip", UNPARSEABLE), FieldWarning("user.phone", NO_COUNTRY_CODE)
+    ]
+
+
+def advised(raw: dict[str, Any]) -> tuple[dict[str, Any], list[FieldWarning]]:
+    """The clean body and the field warnings of one event."""
+    warnings: list[FieldWarning] = []
+    body = normalise_event(raw, now=NOW, phone_region=None, warnings=warnings)
+    assert set(warnings) <= set(FIELD_WARNINGS), "a warning outside the fixed label set"
+    return body, warnings
+
+
+@pytest.mark.parametrize(
+    ("properties", "forwarded", "warning"),
+    [
+        # Events 1.0 items as CDPs send them: the item's content_type is lifted, as sent.
+        ({"contents": [{"content_id": "1", "content_type": "socks"}]},
+         {"contents": [{"content_id": "1"}], "content_type": "socks"},
+         FieldWarning("properties.contents.content_type", UNKNOWN_VALUE)),
+        ({"content_type": " Service "}, {"content_type": " Service "},
+         FieldWarning("properties.content_type", UNKNOWN_VALUE)),
+        ({"currency": "usdollar"}, {"currency": "usdollar"},
+         FieldWarning("properties.currency", UNKNOWN_VALUE)),
+        ({"currency": "ABC"}, {"currency": "ABC"},
+         FieldWarning("properties.currency", UNKNOWN_VALUE)),
+        ({"value": -1}, {"value": -1}, FieldWarning("properties.value", OUT_OF_RANGE)),
+        ({"value": "-5.5"}, {"value": -5.5}, FieldWarning("properties.value", OUT_OF_RANGE)),
+        ({"price": -2}, {"price": -2}, FieldWarning("properties.price", OUT_OF_RANGE)),
+        ({"quantity": 0}, {"quantity": 0}, FieldWarning("properties.quantity", OUT_OF_RANGE)),
+        ({"num_items": -1}, {"num_items": -1},
+         FieldWarning("properties.num_items", OUT_OF_RANGE)),
+        ({"contents": [{"price": 1, "quantity": 1}, {"price": 1, "quantity": -2}]},
+         {"contents": [{"price": 1, "quantity": 1}, {"price": 1, "quantity": -2}], "value": -1.0},
+         FieldWarning("properties.contents.quantity", OUT_OF_RANGE)),
+        ({"contents": [{"price": -3}]}, {"contents": [{"price": -3}]},
+         FieldWarning("properties.contents.price", OUT_OF_RANGE)),
+    ],
+)  # fmt: skip
+def test_advisory_rules_forward_as_sent_and_warn(
+    properties: dict[str, Any], forwarded: dict[str, Any], warning: FieldWarning
+) -> None:
+    body, warnings = advised({"event": "Purchase", "properties": properties})
+    assert body["properties"] == forwarded
+    assert warnings == [warning]
+
+
+def test_every_item_with_an_odd_content_type_warns_but_the_event_counts_it_per_item() -> None:
+    body, warnings = advised(
+        {"event": "Purchase", "properties": {"contents": [
+            {"content_id": "1", "content_type": "socks"},
+            {"content_id": "2", "content_type": "dress"},
+        ]}}
+    )  # fmt: skip
+    assert body["properties"]["content_type"] == "socks"  # the first item's, as 1.0 -> 2.0
+    # One per item here; formats.py keeps each (field, reason) once per event.
+    assert warnings == [FieldWarning("properties.contents.content_type", UNKNOWN_VALUE)] * 2
+
+
+def test_attribution_share_and_att_status_outside_the_documented_values_warn() -> None:
+    body, warnings = advised(
+        {"event": "Purchase", "ad": {"attribution_share": 2}, "user": {"att_status": "maybe"}}
+    )
+    assert body["ad"] == {"attribution_share": 2.0}
+    assert body["user"] == {"att_status": "maybe"}
+    assert warnings == [
+        FieldWarning("ad.attribution_share", OUT_OF_RANGE),
+        FieldWarning("user.att_status", UNKNOWN_VALUE),
+    ]
+
+
+def test_documented_values_give_no_warning() -> None:
+    body, warnings = advised(
+        {"event": "Purchase", "ad": {"attribution_share": "0.5"},
+         "user": {"att_status": "denied"},
+         "properties": {"currency": " eur ", "content_type": "Product", "value": 0,
+                        "num_items": 0, "contents": [{"price": 0, "quantity": 1}],
+                        "customer_type": "returning", "gtm_version": "2"}}
+    )  # fmt: skip
+    assert warnings == []
+    assert body["properties"]["currency"] == "EUR" and body["user"]["att_status"] == "DENIED"
 
 
 @pytest.mark.parametrize(
@@ -329,7 +417,7 @@ def test_warnings_are_collected() -> None:
         ({"event": "Purchase", "properties": []}, "properties"),
         ({"event": "Purchase", "app": {"app_name": 5}}, "app.app_name"),
         ({"event": "Purchase", "ad": {"attributed": "yes"}}, "ad.attributed"),
-        ({"event": "Purchase", "ad": {"attribution_share": 2}}, "ad.attribution_share"),
+        ({"event": "Purchase", "ad": {"attribution_share": "half"}}, "ad.attribution_share"),
         ({"event": "Purchase", "lead": "x"}, "lead"),
         ({"event": "Purchase", "device": [1]}, "device"),
         ({"event": "Purchase", "limited_data_use": "true"}, "limited_data_use"),
@@ -369,30 +457,26 @@ def test_numeric_strings_become_numbers() -> None:
         ({"value": "$10"}, "properties.value"),
         ({"value": "10,00"}, "properties.value"),
         ({"value": True}, "properties.value"),
-        ({"value": -1}, "properties.value"),
         ({"value": "nan"}, "properties.value"),
         ({"price": [1]}, "properties.price"),
-        ({"quantity": 0}, "properties.quantity"),
         ({"quantity": 1.5}, "properties.quantity"),
         ({"quantity": "two"}, "properties.quantity"),
-        ({"quantity": 2**64}, "properties.quantity"),
-        ({"num_items": -1}, "properties.num_items"),
-        ({"currency": "usdollar"}, "properties.currency"),
-        ({"currency": "ABC"}, "properties.currency"),
+        ({"quantity": 2**64 + 1}, "properties.quantity"),
+        ({"num_items": "many"}, "properties.num_items"),
         ({"currency": 840}, "properties.currency"),
-        ({"content_type": "service"}, "properties.content_type"),
+        ({"content_type": 1}, "properties.content_type"),
         ({"content_id": {"a": 1}}, "properties.content_id"),
         ({"content_ids": [["x"]]}, "properties.content_ids.0"),
         ({"contents": {"price": 1}}, "properties.contents"),
         ({"contents": ["x"]}, "properties.contents.0"),
-        ({"contents": [{"price": 1}, {"quantity": -2}]}, "properties.contents.1.quantity"),
+        ({"contents": [{"price": 1}, {"quantity": 2.5}]}, "properties.contents.1.quantity"),
         ({"contents": [{"content_id": [1]}]}, "properties.contents.0.content_id"),
-        ({"contents": [{"content_type": "x"}]}, "properties.contents.0.content_type"),
+        ({"contents": [{"content_type": ["x"]}]}, "properties.contents.0.content_type"),
         ({"custom": 10**30}, "properties.custom"),
         ({"custom": "x" * (MAX_STRING_LENGTH + 1)}, "properties.custom"),
     ],
 )
-def test_invalid_properties_are_refused(properties: dict[str, Any], field: str) -> None:
+def test_wrong_types_in_properties_are_refused(properties: dict[str, Any], field: str) -> None:
     assert refused_field({"event": "Purchase", "properties": properties}) == field
 
 

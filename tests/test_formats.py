@@ -14,8 +14,14 @@ from hypothesis import strategies as st
 
 from gateway.errors import InvalidEvent, InvalidRequest
 from gateway.events import dedup_name
+from gateway.field_warnings import (
+    FIELD_WARNINGS,
+    NO_COUNTRY_CODE,
+    UNKNOWN_VALUE,
+    UNPARSEABLE,
+    FieldWarning,
+)
 from gateway.formats import (
-    WARNING_KINDS,
     BrowserContext,
     ParsedBody,
     ParseOptions,
@@ -181,7 +187,7 @@ def test_decode_json_nesting_limit() -> None:
 def test_v2_example() -> None:
     parsed = parse_event_track(copy.deepcopy(V2_EXAMPLE), OPTS)
     assert parsed.pixel_code == PIXEL
-    assert parsed.refused == [] and parsed.warnings == []
+    assert parsed.refused == [] and parsed.events[0].warnings == ()
     (event,) = parsed.events
     assert (event.pixel_code, event.source, event.event_source) == (PIXEL, "server", "web")
     assert event.test_event_code is None
@@ -190,7 +196,8 @@ def test_v2_example() -> None:
 
 def test_v1_example_converts_to_the_same_event() -> None:
     parsed = parse_pixel_track(copy.deepcopy(V1_EXAMPLE), OPTS)
-    assert parsed.pixel_code == PIXEL and parsed.refused == [] and parsed.warnings == []
+    assert parsed.pixel_code == PIXEL and parsed.refused == []
+    assert all(event.warnings == () for event in parsed.events)
     (event,) = parsed.events
     (reference,) = parse_event_track(copy.deepcopy(V2_EXAMPLE), OPTS).events
     assert (event.pixel_code, event.source, event.event_source) == (PIXEL, "server", "web")
@@ -280,7 +287,7 @@ def test_bad_events_are_refused_and_the_others_kept() -> None:
             {"event": "Purchase", "event_time": "tomorrow-ish"},
             "not an object",
             {"event": "Purchase", "event_time": NOW + 301},
-            {"event": "Purchase", "properties": {"contents": [{"price": 1}, {"quantity": 0}]}},
+            {"event": "Purchase", "properties": {"contents": [{"price": 1}, {"quantity": 0.5}]}},
             {"event_id": "no-name"},
             {"event": "Purchase", "event_id": "ok-2"},
         ),
@@ -295,6 +302,29 @@ def test_bad_events_are_refused_and_the_others_kept() -> None:
         (5, "data.5.event"),
     ]
     assert all(isinstance(r, Refusal) and r.message for r in parsed.refused)
+
+
+def test_cdp_items_with_odd_content_types_are_forwarded_with_one_warning_per_event() -> None:
+    # RudderStack's Events 1.0 bodies carry the product's category as content_type.
+    items = [
+        {"content_id": "1", "content_type": "socks", "price": 3, "quantity": 2},
+        {"content_id": "2", "content_type": "dress", "price": 20, "quantity": 1},
+    ]
+    event = {"type": "track", "event": "AddToCart", "properties": {"contents": items}}
+    parsed = parse_pixel_batch({"pixel_code": PIXEL, "batch": [event, event]}, OPTS)
+    assert parsed.refused == [] and len(parsed.events) == 2
+    for accepted in parsed.events:
+        assert accepted.body["properties"] == {
+            "content_type": "socks",
+            "contents": [
+                {"content_id": "1", "price": 3, "quantity": 2},
+                {"content_id": "2", "price": 20, "quantity": 1},
+            ],
+            "value": 26.0,
+        }
+        assert accepted.warnings == (
+            FieldWarning("properties.contents.content_type", UNKNOWN_VALUE),
+        )
 
 
 def test_test_event_code_top_level_or_inside_data() -> None:
@@ -321,8 +351,11 @@ def test_v2_user_lists_and_warnings() -> None:
         OPTS,
     )
     assert parsed.events[0].body["user"] == {"email": [h("a@b.co")], "phone": [h("+12133734253")]}
-    assert parsed.warnings == ["phone_without_region", "invalid_ip"]
-    assert set(parsed.warnings) <= set(WARNING_KINDS)
+    # Each (field, reason) once per event, though two phones lacked a country code.
+    assert parsed.events[0].warnings == (
+        FieldWarning("user.phone", NO_COUNTRY_CODE),
+        FieldWarning("user.ip", UNPARSEABLE),
+    )
 
 
 def test_phone_region_option() -> None:
@@ -335,7 +368,7 @@ def test_warnings_of_refused_events_are_not_counted() -> None:
     parsed = parse_event_track(
         v2({"event": "Purchase", "event_time": "bad", "user": {"ip": "nope"}}), OPTS
     )
-    assert parsed.events == [] and parsed.warnings == []
+    assert parsed.events == [] and len(parsed.refused) == 1
 
 
 # --- Events 1.0 -----------------------------------------------------------------------------
@@ -470,7 +503,8 @@ def test_browser_single_event() -> None:
         OPTS,
         CTX,
     )
-    assert parsed.pixel_code is None and parsed.refused == [] and parsed.warnings == []
+    assert parsed.pixel_code is None and parsed.refused == []
+    assert all(event.warnings == () for event in parsed.events)
     (event,) = parsed.events
     assert (event.pixel_code, event.source, event.event_source) == (PIXEL, "pixel", "web")
     assert event.test_event_code == "TEST7"
@@ -526,7 +560,8 @@ def test_browser_request_facts_are_trusted_over_the_body() -> None:
 
 def test_browser_bad_context_ip_is_a_warning() -> None:
     parsed = parse_browser(browser_event(), OPTS, BrowserContext(ip="unknown"))
-    assert parsed.warnings == ["invalid_ip"] and "user" not in parsed.events[0].body
+    assert parsed.events[0].warnings == (FieldWarning("user.ip", UNPARSEABLE),)
+    assert "user" not in parsed.events[0].body
 
 
 def test_browser_list_with_refusals() -> None:
@@ -603,7 +638,7 @@ def _check(parsed: ParsedBody) -> None:
     for event in parsed.events:
         orjson.dumps(event.body)  # every accepted body can be stored
         assert isinstance(event.body["event"], str) and isinstance(event.body["event_time"], int)
-    assert set(parsed.warnings) <= set(WARNING_KINDS)
+        assert set(event.warnings) <= set(FIELD_WARNINGS)
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
