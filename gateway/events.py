@@ -375,9 +375,9 @@ def _whole(value: Any, field: str) -> int | None:
         return None
     number = _as_number(value)
     if isinstance(number, float) and number.is_integer():
-        number = int(number)
-    if not isinstance(number, int):
-        raise InvalidEvent(field, "must be an integer")
+        number = int(number)  # 2.0 is 2; 1e30 is 2**99-ish, out of range below
+    if not isinstance(number, int) or not _INT_MIN <= number <= _INT_MAX:
+        raise InvalidEvent(field, "must be an integer (within 64 bits)")
     return number
 
 

@@ -462,6 +462,8 @@ def test_numeric_strings_become_numbers() -> None:
         ({"quantity": 1.5}, "properties.quantity"),
         ({"quantity": "two"}, "properties.quantity"),
         ({"quantity": 2**64 + 1}, "properties.quantity"),
+        ({"quantity": -3.5e19}, "properties.quantity"),
+        ({"num_items": 1e30}, "properties.num_items"),
         ({"num_items": "many"}, "properties.num_items"),
         ({"currency": 840}, "properties.currency"),
         ({"content_type": 1}, "properties.content_type"),
