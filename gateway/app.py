@@ -165,7 +165,8 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
     r.add_get("/readyz", readyz)
     r.add_get("/debug/events/{pixel}/{event_id}/{event}", ingest.debug_event)
     r.add_get("/openapi.json", openapi_handler)
-    r.add_route("*", "/open_api/{tail:.*}", passthrough_handler)
+    # Any tail, even one a decoded %0a ends (`.` alone stops there): the check answers it.
+    r.add_route("*", "/open_api/{tail:(?s:.*)}", passthrough_handler)
 
 
 # -- resources -----------------------------------------------------------------
