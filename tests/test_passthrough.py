@@ -333,6 +333,16 @@ def outcomes(gateway: Gateway) -> dict[str, float]:
     return {name: count for name, count in counts.items() if count}
 
 
+def refusal(
+    answer: RawAnswer, gateway: Gateway, tiktok: TikTokStub, status: int, outcome: str
+) -> dict[str, Any]:
+    """The envelope of `answer`, a refusal TikTok never saw, counted once as `outcome`."""
+    assert answer.status == status
+    assert tiktok.requests == []
+    assert outcomes(gateway) == {outcome: 1}
+    return answer.envelope()
+
+
 # Each with a configured token: the path alone must be refused. Several are one
 # normalisation away from TikTok's campaign management or from our own /metrics.
 TRAVERSALS = [
@@ -383,12 +393,9 @@ async def test_a_path_that_is_not_canonical_is_refused_and_never_relayed(
     gateway: Gateway, tiktok: TikTokStub, target: str
 ) -> None:
     answer = await send(gateway, target, {"Access-Token": TOKEN}, method="POST", body=b"{}")
-    assert answer.status == 400
-    envelope = answer.envelope()
+    envelope = refusal(answer, gateway, tiktok, 400, "refused_path")
     assert envelope["code"] == 40002
     assert envelope["message"].startswith("path: ")
-    assert tiktok.requests == []
-    assert outcomes(gateway) == {"refused_path": 1}
 
 
 @pytest.mark.parametrize(
@@ -428,10 +435,7 @@ async def test_a_caller_without_a_configured_token_is_refused(
     gateway: Gateway, tiktok: TikTokStub, headers: dict[str, str], code: int
 ) -> None:
     answer = await send(gateway, PIXEL_LIST, headers)
-    assert answer.status == 401
-    assert answer.envelope()["code"] == code
-    assert tiktok.requests == []
-    assert outcomes(gateway) == {"refused_token": 1}
+    assert refusal(answer, gateway, tiktok, 401, "refused_token")["code"] == code
 
 
 async def test_a_second_access_token_header_is_refused(
@@ -467,12 +471,9 @@ async def test_a_known_caller_reaches_only_the_allowed_prefixes(
     gateway: Gateway, tiktok: TikTokStub, path: str
 ) -> None:
     answer = await send(gateway, path, {"Access-Token": TOKEN}, method="POST", body=b"{}")
-    assert answer.status == 404
-    envelope = answer.envelope()
+    envelope = refusal(answer, gateway, tiktok, 404, "refused_prefix")
     assert envelope["code"] == 40400
     assert "GATEWAY_PASSTHROUGH_PATHS" in envelope["message"]
-    assert tiktok.requests == []
-    assert outcomes(gateway) == {"refused_prefix": 1}
 
 
 @pytest.mark.parametrize("token", [TOKEN, TOKEN2])
