@@ -38,6 +38,7 @@ from .errors import (
     OriginNotAllowed,
     PayloadTooLarge,
     RateLimited,
+    RelayRefused,
     RequestError,
     StoreUnavailable,
 )
@@ -164,7 +165,8 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
     r.add_get("/readyz", readyz)
     r.add_get("/debug/events/{pixel}/{event_id}/{event}", ingest.debug_event)
     r.add_get("/openapi.json", openapi_handler)
-    r.add_route("*", "/open_api/{tail:.*}", passthrough_handler)
+    # Any tail, even one a decoded %0a ends (`.` alone stops there): the check answers it.
+    r.add_route("*", "/open_api/{tail:(?s:.*)}", passthrough_handler)
 
 
 # -- resources -----------------------------------------------------------------
@@ -327,7 +329,7 @@ async def _answer(
         # A client's mistake, not ours: INFO (a flood of rate-limited beacons: DEBUG).
         log.log(
             logging.DEBUG if isinstance(exc, RateLimited) else logging.INFO,
-            "refused %s %s: %s", request.method, request.path, exc.message,
+            "refused %s %s: %s", request.method, _logged_path(request), exc.message,
             extra={"outcome": "refused", "code": exc.code, "status": status},
         )
         response = envelope(request, exc.code, exc.message, status=status)
@@ -365,8 +367,20 @@ async def _answer(
         return envelope(request, 50000, "internal error", status=500)
 
 
+def _logged_path(request: web.Request) -> str:
+    """The path as received, without its query (it may carry ids); shortened if long.
+
+    Raw, so a refused `%2e%2e` shows as sent, and a decoded `%0a` cannot start a log line.
+    """
+    path = request.raw_path.partition("?")[0]
+    return path if len(path) <= 200 else path[:200] + "..."
+
+
 def _count_rejection(request: web.Request, exc: RequestError) -> None:
     metrics = request.app[METRICS]
+    if isinstance(exc, RelayRefused):
+        metrics.passthrough_requests.labels(exc.outcome).inc()
+        return
     if isinstance(exc, InvalidEvent):
         return  # counted per event where the events were parsed
     reason = {
@@ -430,10 +444,18 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def passthrough_handler(request: web.Request) -> web.StreamResponse:
-    """Other /open_api/ paths go to TikTok unchanged: a client's whole base URL can point here."""
+    """Other /open_api/ paths go to TikTok, for our callers and allowed paths only: a
+    client's whole base URL can point here (passthrough.check_passthrough says what passes)."""
     settings, res = request.app[SETTINGS], request.app[RESOURCES]
     if request.path in INGEST_PATHS:
         raise web.HTTPMethodNotAllowed(request.method, ["POST"])
     if not settings.passthrough or res.session is None:
         raise NotFound(f"{request.path} is not served here (GATEWAY_PASSTHROUGH=0)")
-    return await passthrough.proxy(request, res.session, settings.upstream_url)
+    # The raw target: aiohttp's request.path is already decoded (%2e%2e is ..).
+    target = passthrough.check_passthrough(
+        request.raw_path, request.headers.getall("Access-Token", []), settings
+    )
+    return await passthrough.proxy(
+        request, res.session, settings.upstream_url, target,
+        outcomes=request.app[METRICS].passthrough_requests,
+    )

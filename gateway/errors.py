@@ -11,7 +11,11 @@
     │   ├── BodyTimeout        body not received in time (a slow-loris trickle)
     │   ├── OriginNotAllowed   browser request from an origin not configured
     │   ├── NotFound           no such endpoint, or debug is off
-    │   └── RateLimited        a client sent too much
+    │   ├── RateLimited        a client sent too much
+    │   └── RelayRefused       a pass-through request not relayed to TikTok (`outcome` says why)
+    │       ├── PathNotCanonical   400: dot segment, encoded / \\ . or %, empty segment, ...
+    │       ├── NotOurCaller       401: Access-Token missing or no configured pixel's token
+    │       └── PathNotRelayed     404: not under GATEWAY_PASSTHROUGH_PATHS
     └── StoreUnavailable       Redis cannot be reached; nothing was acknowledged
 
 Handlers raise these; one middleware (`app.error_middleware`) turns them into
@@ -123,6 +127,36 @@ class RateLimited(RequestError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RelayRefused(RequestError):
+    """A pass-through request the gateway does not relay; answered with a real HTTP status
+    (a client's HTTP layer must see it was never TikTok's answer)."""
+
+    outcome = "refused"
+
+
+class PathNotCanonical(RelayRefused):
+    code = 40002
+    http_status = tiktok_status = 400
+    outcome = "refused_path"
+
+
+class NotOurCaller(RelayRefused):
+    """No Access-Token (40104), or not one of the configured pixels' tokens (40105)."""
+
+    http_status = tiktok_status = 401
+    outcome = "refused_token"
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PathNotRelayed(RelayRefused):
+    code = 40400
+    http_status = tiktok_status = 404
+    outcome = "refused_prefix"
 
 
 class StoreUnavailable(GatewayError):

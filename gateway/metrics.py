@@ -66,6 +66,10 @@ EVENT_LABELS = (*sorted(STANDARD_EVENTS), CUSTOM_EVENT)
 # How a forwarded key was seen: from both sources (the pair matched) or from one.
 PAIR_SOURCES = ("both", "pixel_only", "server_only")
 DEAD_LETTER_REASONS = ("rejected", "auth", "too_old")
+# What became of a request to the pass-through (errors.RelayRefused.outcome for refusals).
+PASSTHROUGH_OUTCOMES = (
+    "relayed", "upstream_error", "refused_path", "refused_token", "refused_prefix",
+)
 INGEST_ENDPOINTS = ("event_track", "pixel_track", "pixel_batch", "browser")
 
 # Ingest is sub-millisecond to a few ms; forwarding is a network call to TikTok (tens of
@@ -103,6 +107,7 @@ class Metrics:
     match_keys: Counter
     redis_errors: Counter
     redis_up: Gauge
+    passthrough_requests: Counter
     build_info: Info
 
     def pixel_label(self, pixel_code: str, configured: Iterable[str]) -> str:
@@ -218,6 +223,11 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
             "1 when the last background read of Redis succeeded, 0 when it failed.",
             multiprocess_mode="livemin", registry=registry,
         ),
+        passthrough_requests=Counter(
+            "gateway_passthrough_requests",
+            "Requests to other /open_api/ paths: relayed to TikTok, or refused and why.",
+            ["outcome"], registry=registry,
+        ),
         build_info=Info("gateway_build", "The gateway's version.", registry=registry),
     )
     m.build_info.info({"version": __version__})
@@ -235,12 +245,15 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
         for event in EVENT_LABELS:
             for sources in PAIR_SOURCES:
                 m.forwarded_keys.labels(pixel, event, sources)
-    for reason in REJECT_REASONS:
-        m.rejected.labels(reason)
-    for reason in DEAD_LETTER_REASONS:
-        m.dead_lettered.labels(reason)
-    for endpoint in INGEST_ENDPOINTS:
-        m.ingest_duration.labels(endpoint)
+    one_label: list[tuple[Counter | Histogram, tuple[str, ...]]] = [
+        (m.rejected, REJECT_REASONS),
+        (m.dead_lettered, DEAD_LETTER_REASONS),
+        (m.ingest_duration, INGEST_ENDPOINTS),
+        (m.passthrough_requests, PASSTHROUGH_OUTCOMES),
+    ]
+    for metric, values in one_label:
+        for value in values:
+            metric.labels(value)
     for outcome, classes in FORWARD_CODE_CLASSES.items():
         for code_class in classes:
             m.forward_requests.labels(outcome, code_class)

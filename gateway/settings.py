@@ -24,6 +24,9 @@ PREFIX = "GATEWAY_"
 TIKTOK_URL = "https://business-api.tiktok.com"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("auto", "json", "text")
+# What an events client calls on TikTok besides the ingest paths: pixel and offline event
+# set management and statistics (the official SDK's MeasurementApi). README says why.
+PASSTHROUGH_PATHS = ("/open_api/v1.2/pixel/", "/open_api/v1.3/pixel/", "/open_api/v1.3/offline/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,8 @@ class Settings:
     phone_region: str | None = None
     legacy_aliases: bool = True
     passthrough: bool = True
+    # Path prefixes the pass-through relays (segment-wise, see passthrough.is_allowed).
+    passthrough_paths: tuple[str, ...] = PASSTHROUGH_PATHS
     # Operational knobs beyond PRODUCT.md's table; the defaults suit production.
     max_body_bytes: int = 2 * 1024 * 1024
     max_events_per_request: int = 1000
@@ -155,6 +160,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         phone_region=get("PHONE_REGION", _region, None),
         legacy_aliases=get("LEGACY_ALIASES", _bool, d.legacy_aliases),
         passthrough=get("PASSTHROUGH", _bool, d.passthrough),
+        passthrough_paths=get("PASSTHROUGH_PATHS", _path_prefixes, d.passthrough_paths),
         max_body_bytes=get("MAX_BODY_BYTES", _positive_int, d.max_body_bytes),
         max_events_per_request=get("MAX_EVENTS_PER_REQUEST", _positive_int, 1000),
         body_timeout=get("BODY_TIMEOUT", _seconds, d.body_timeout),
@@ -292,6 +298,28 @@ def _pixels(name: str, raw: str) -> dict[str, str]:
             raise ConfigError(name, f"pixel code {code!r} must be letters and digits")
         pixels[code] = token
     return pixels
+
+
+# One segment of a canonical path: RFC 3986's unreserved characters, not dots alone.
+# Every TikTok API path is made of such segments; passthrough.py holds requests to it.
+CANONICAL_SEGMENT = re.compile(r"(?!\.+$)[A-Za-z0-9._~-]+")
+
+
+def _path_prefixes(name: str, raw: str) -> tuple[str, ...]:
+    prefixes = []
+    for item in raw.split(","):
+        prefix = item.strip()
+        segments = prefix.removesuffix("/").split("/")[1:]
+        if not prefix.startswith("/open_api/") or not all(
+            CANONICAL_SEGMENT.fullmatch(segment) for segment in segments
+        ):
+            raise ConfigError(
+                name,
+                f"expected paths under /open_api/ such as /open_api/v1.3/pixel/, made of "
+                f"letters, digits and - . _ ~ (no empty or dot-only segment), got {prefix!r}",
+            )
+        prefixes.append(prefix)
+    return tuple(prefixes)
 
 
 def _origins(name: str, raw: str) -> frozenset[str]:

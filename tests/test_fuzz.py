@@ -13,7 +13,8 @@ and phase, well under two minutes. `make fuzz` runs a deep one. `FUZZ_SEED`
 replays a run (schemathesis prints the seed it used).
 
 The gateway runs in sandbox mode (any pixel code accepted, so generated bodies
-get past authentication into the parsers and Redis), with an admin token (the
+get past authentication into the parsers and Redis; the pass-through relays
+nothing, and answers generated paths 400 or 401), with an admin token (the
 debug endpoint is reachable), one allowed origin (so both CORS answers occur),
 and a rate limit out of the fuzzer's way (tests/test_limits.py floods it).
 """
@@ -136,4 +137,10 @@ async def test_the_gateway_holds_to_its_openapi_document_under_fuzzing(
 
     async with http.get(f"{gateway.url}/readyz") as resp:
         assert resp.status == 200, "the gateway is not ready after the run"
+    # The pass-through's 400 and 401 were among the answers checked; in sandbox mode no
+    # token is ours, so nothing was relayed.
+    outcomes = "gateway_passthrough_requests_total"
+    assert gateway.metric(outcomes, {"outcome": "refused_path"}) > 0
+    assert gateway.metric(outcomes, {"outcome": "refused_token"}) > 0
+    assert gateway.metric(outcomes, {"outcome": "relayed"}) == 0
     assert own_errors(caplog.records) == []

@@ -16,8 +16,6 @@ import contextlib
 import gzip
 import io
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -37,64 +35,17 @@ from gateway.events import (
 from gateway.formats import MAX_CODE_LENGTH, MAX_JSON_DEPTH, MAX_TEST_EVENT_CODE_LENGTH
 from gateway.pii import MAX_PII_ITEMS, MAX_PII_LENGTH
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
-from tests.helpers import browser_event, server_event
+from tests.helpers import (
+    RawAnswer,
+    browser_event,
+    connection,
+    head,
+    read_answer,
+    server_event,
+)
 
 TRACK = "/open_api/v1.3/event/track/"
 BROWSER = "/pixel/events"
-
-
-# -- a raw HTTP/1.1 client: what an attacker controls, aiohttp's client does not let us --------
-
-
-@dataclass
-class RawAnswer:
-    status: int
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-
-    def envelope(self) -> dict[str, Any]:
-        answer: dict[str, Any] = orjson.loads(self.body)
-        assert set(answer) == {"code", "message", "request_id", "data"}, answer
-        return answer
-
-
-def address(gateway: Gateway) -> tuple[str, int]:
-    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
-    return host, int(port)
-
-
-def head(path: str, headers: dict[str, str], method: str = "POST") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: gateway.test", *(f"{k}: {v}" for k, v in
-             headers.items())]  # fmt: skip
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-async def read_answer(reader: asyncio.StreamReader) -> RawAnswer:
-    raw = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = raw.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return RawAnswer(int(status_line.split()[1]), headers, body)
-
-
-@contextlib.asynccontextmanager
-async def connection(
-    gateway: Gateway, local: str | None = None
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    host, port = address(gateway)
-    reader, writer = await asyncio.open_connection(
-        host, port, local_addr=(local, 0) if local else None
-    )
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
 
 
 async def closed_by_server(reader: asyncio.StreamReader, within: float = 5.0) -> bool:

@@ -1,4 +1,12 @@
-"""Pass-through of other /open_api/ paths: a tiny app calling proxy() in front of the stub."""
+"""Pass-through of other /open_api/ paths.
+
+First proxy() itself, streaming both ways, in a tiny app in front of the stub;
+then the whole gateway over raw sockets (request lines as an attacker writes
+them, not as a client library would normalise them): only configured pixels'
+tokens, only canonical paths, only GATEWAY_PASSTHROUGH_PATHS, only the
+headers TikTok needs, and nothing refused ever reaches the stub.
+tests/test_passthrough_checks.py holds check_passthrough to every input.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +22,17 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from gateway.passthrough import proxy
+from gateway.passthrough import canonical_target, proxy
+from tests.conftest import TOKEN, TOKEN2, Gateway, GatewayFactory
+from tests.helpers import RawAnswer, connection, head, read_answer
 from tests.tiktok_stub import Answer, TikTokStub, big_payload
-
-TOKEN = "0123456789abcdef0123456789abcdef01234567"
 
 Serve = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
-    """Start a gateway-like app whose /open_api/ routes call proxy(); returns its URL."""
+    """Start an app whose /open_api/ routes call proxy() with no other check; returns its URL."""
     runners: list[web.AppRunner] = []
     sessions: list[aiohttp.ClientSession] = []
 
@@ -33,7 +41,8 @@ async def serve() -> AsyncIterator[Serve]:
         sessions.append(session)
 
         async def handler(request: web.Request) -> web.StreamResponse:
-            return await proxy(request, session, base_url, **kwargs)
+            target = canonical_target(request.raw_path)
+            return await proxy(request, session, base_url, target, **kwargs)
 
         app = web.Application()
         app.router.add_route("*", "/open_api/{tail:.*}", handler)
@@ -66,7 +75,7 @@ def free_port() -> int:
         return port
 
 
-async def test_post_with_query_body_and_headers(
+async def test_post_with_query_body_and_the_headers_tiktok_needs(
     proxied: str, tiktok: TikTokStub, http: aiohttp.ClientSession
 ) -> None:
     body = orjson.dumps({"advertiser_id": "123", "names": ["a", "b"]})
@@ -77,7 +86,8 @@ async def test_post_with_query_body_and_headers(
         headers={
             "Access-Token": TOKEN,
             "Content-Type": "application/json",
-            "X-Custom": "kept",
+            "User-Agent": "tiktok-business-api-sdk-python",
+            "X-Custom": "not TikTok's business",
         },
     ) as response:
         assert response.status == 200
@@ -95,7 +105,8 @@ async def test_post_with_query_body_and_headers(
     assert request.query == {"advertiser_id": "123", "code": "a/b"}
     assert request.headers["Access-Token"] == TOKEN
     assert request.headers["Content-Type"] == "application/json"
-    assert request.headers["X-Custom"] == "kept"
+    assert request.headers["User-Agent"] == "tiktok-business-api-sdk-python"
+    assert "X-Custom" not in request.headers
     # Host names TikTok, not the gateway.
     assert request.headers["Host"] == URL(tiktok.url).raw_authority
     assert request.headers["Host"] != URL(proxied).raw_authority
@@ -291,3 +302,296 @@ async def test_logs_method_path_status_but_never_the_token(
     messages = [r.getMessage() for r in caplog.records if r.name == "gateway.passthrough"]
     assert any("GET /open_api/v1.3/thing/ -> 200" in m for m in messages)
     assert all(TOKEN not in m for m in messages)
+
+
+# -- the whole gateway, over raw sockets ------------------------------------------------------
+
+PIXEL_LIST = "/open_api/v1.3/pixel/list/"
+OUTCOMES = "gateway_passthrough_requests_total"
+
+
+async def send(
+    gateway: Gateway,
+    target: str,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    body: bytes = b"",
+) -> RawAnswer:
+    """`method target` written on a socket as given: no client library normalises it."""
+    sent = {"Connection": "close", **(headers or {})}
+    if body:
+        sent["Content-Length"] = str(len(body))
+    async with connection(gateway) as (reader, writer):
+        writer.write(head(target, sent, method) + body)
+        return await read_answer(reader)
+
+
+def outcomes(gateway: Gateway) -> dict[str, float]:
+    """The pass-through's outcome counters that moved."""
+    names = ("relayed", "upstream_error", "refused_path", "refused_token", "refused_prefix")
+    counts = {name: gateway.metric(OUTCOMES, {"outcome": name}) for name in names}
+    return {name: count for name, count in counts.items() if count}
+
+
+def refusal(
+    answer: RawAnswer, gateway: Gateway, tiktok: TikTokStub, status: int, outcome: str
+) -> dict[str, Any]:
+    """The envelope of `answer`, a refusal TikTok never saw, counted once as `outcome`."""
+    assert answer.status == status
+    assert tiktok.requests == []
+    assert outcomes(gateway) == {outcome: 1}
+    return answer.envelope()
+
+
+# Each with a configured token: the path alone must be refused. Several are one
+# normalisation away from TikTok's campaign management or from our own /metrics.
+TRAVERSALS = [
+    "/open_api/../admin/x",
+    "/open_api/%2e%2e/admin/y",
+    "/open_api/..%2fadmin/z",
+    "/open_api/../metrics",
+    "/open_api/v1.3/pixel/../campaign/update/",
+    "/open_api/v1.3/pixel/../../v1.3/campaign/update/",
+    "/open_api/v1.3/pixel/%2E%2E/campaign/update/",
+    "/open_api/v1.3/pixel/%2e./campaign/update/",
+    "/open_api/v1.3/pixel/.%2E/campaign/update/",
+    "/open_api/v1.3/pixel/..%2Fcampaign/update/",
+    "/open_api/v1.3/pixel/list%2f..%2f..%2fcampaign/update/",
+    "/open_api/v1.3/pixel/..%5ccampaign/update/",
+    "/open_api/v1.3/pixel/..%5Ccampaign/update/",
+    "/open_api/v1.3/pixel/..\\campaign\\update/",
+    "/open_api/v1.3/pixel\\..\\campaign/update/",
+    "/open_api//v1.3/pixel/list/",
+    "/open_api/v1.3/pixel//list/",
+    "/open_api/./v1.3/pixel/list/",
+    "/open_api/v1.3/pixel/./list/",
+    "/open_api/v1.3/pixel/list/.",
+    "/open_api/v1.3/pixel/list/..",
+    "/open_api/v1.3/pixel/.../list/",
+    "/open_api/v1.3/pixel/list/%00",
+    "/open_api/v1.3/pixel/list%00/",
+    "/open_api/v1.3/pixel/list%0a/",
+    "/open_api/v1.3/pixel/list%0D%0AX-Injected:%201/",
+    "/open_api/v1.3/pixel/list%7f/",
+    "/open_api/v1.3/pixel/%252e%252e/campaign/update/",
+    "/open_api/v1.3/pixel/%25%32%65%25%32%65/campaign/update/",
+    "/open_api/v1.3/pixel/%c0%ae%c0%ae/campaign/update/",
+    "/open_api/v1.3/pixel/..;/campaign/update/",
+    "/open_api/v1.3/pixel/..%3b/campaign/update/",
+    "/open_api/v1.3/pixel/list;jsessionid=1/",
+    "/open_api/v1.3/pixel/%zz/",
+    "/open_api/v1.3/pixel/list%/",
+    "/open_api/v1.3/pixel/list/%3f/../../campaign/",
+    "/open_api/v1.3/pixel/list/#/../../campaign/",
+    "http://127.0.0.1/open_api/v1.3/pixel/list/",
+    "http://business-api.tiktok.com/open_api/v1.3/campaign/update/",
+]
+
+
+@pytest.mark.parametrize("target", TRAVERSALS)
+async def test_a_path_that_is_not_canonical_is_refused_and_never_relayed(
+    gateway: Gateway, tiktok: TikTokStub, target: str
+) -> None:
+    answer = await send(gateway, target, {"Access-Token": TOKEN}, method="POST", body=b"{}")
+    envelope = refusal(answer, gateway, tiktok, 400, "refused_path")
+    assert envelope["code"] == 40002
+    assert envelope["message"].startswith("path: ")
+
+
+@pytest.mark.parametrize(
+    "target", ["/open_api/v1.3/pixel/\x01list/", "/open_api/v1.3/pixel/caf\xc3\xa9/"]
+)
+async def test_raw_control_and_non_ascii_bytes_stop_at_the_http_parser(
+    gateway: Gateway, tiktok: TikTokStub, target: str
+) -> None:
+    answer = await send(gateway, target, {"Access-Token": TOKEN})
+    assert answer.status == 400
+    assert tiktok.requests == []
+
+
+async def test_dot_segments_outside_open_api_are_not_routed_into_it(
+    gateway: Gateway, tiktok: TikTokStub
+) -> None:
+    # aiohttp routes the raw path: no resolving of `..` that could land in the pass-through.
+    answer = await send(gateway, f"/x/..{PIXEL_LIST}", {"Access-Token": TOKEN})
+    assert answer.status == 404
+    assert tiktok.requests == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, 40104),
+        ({"Access-Token": ""}, 40104),
+        ({"Access-Token": "made-up-token"}, 40105),
+        ({"Access-Token": TOKEN + "x"}, 40105),
+        ({"Access-Token": TOKEN[:-1]}, 40105),
+        ({"Access-Token": f"Bearer {TOKEN}"}, 40105),
+        ({"Authorization": f"Bearer {TOKEN}"}, 40104),
+        ({"Access-Token": "t\xff\xfeoken"}, 40105),  # not UTF-8 on the wire
+    ],
+)
+async def test_a_caller_without_a_configured_token_is_refused(
+    gateway: Gateway, tiktok: TikTokStub, headers: dict[str, str], code: int
+) -> None:
+    answer = await send(gateway, PIXEL_LIST, headers)
+    assert refusal(answer, gateway, tiktok, 401, "refused_token")["code"] == code
+
+
+async def test_a_second_access_token_header_is_refused(
+    gateway: Gateway, tiktok: TikTokStub
+) -> None:
+    async with connection(gateway) as (reader, writer):
+        request = head(PIXEL_LIST, {"Access-Token": "made-up", "Connection": "close"}, "GET")
+        # Both orders: whichever one a check reads, TikTok must not get the other.
+        writer.write(request.replace(b"\r\n\r\n", f"\r\nAccess-Token: {TOKEN}\r\n\r\n".encode()))
+        answer = await read_answer(reader)
+    assert answer.status == 401
+    assert tiktok.requests == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/open_api/v1.3/campaign/update/",
+        "/open_api/v1.3/campaign/get/",
+        "/open_api/v1.3/ad/create/",
+        "/open_api/v1.3/adgroup/update/",
+        "/open_api/v1.3/dmp/custom_audience/create/",
+        "/open_api/v1.3/advertiser/info/",
+        "/open_api/v1.3/bc/pixel/link/update/",
+        "/open_api/v1.3/pixelfoo/list/",
+        "/open_api/v1.3",  # a prefix's parent
+        "/open_api/v1.3/",
+        "/open_api/",
+        "/open_api/v1.3/%63ampaign/update/",  # decoded once: campaign
+    ],
+)
+async def test_a_known_caller_reaches_only_the_allowed_prefixes(
+    gateway: Gateway, tiktok: TikTokStub, path: str
+) -> None:
+    answer = await send(gateway, path, {"Access-Token": TOKEN}, method="POST", body=b"{}")
+    envelope = refusal(answer, gateway, tiktok, 404, "refused_prefix")
+    assert envelope["code"] == 40400
+    assert "GATEWAY_PASSTHROUGH_PATHS" in envelope["message"]
+
+
+@pytest.mark.parametrize("token", [TOKEN, TOKEN2])
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        (PIXEL_LIST, PIXEL_LIST),
+        ("/open_api/v1.3/pixel/event/stats/", "/open_api/v1.3/pixel/event/stats/"),
+        ("/open_api/v1.2/pixel/list/", "/open_api/v1.2/pixel/list/"),
+        ("/open_api/v1.3/offline/get/", "/open_api/v1.3/offline/get/"),
+        # Decoded once, relayed in its canonical form.
+        ("/open_api/v1.3/%70ixel/li%73t/", PIXEL_LIST),
+    ],
+)
+async def test_a_known_caller_is_relayed_by_the_canonical_path(
+    gateway: Gateway, tiktok: TikTokStub, token: str, target: str, path: str
+) -> None:
+    answer = await send(gateway, target + "?advertiser_id=1", {"Access-Token": token})
+    assert answer.status == 200
+    assert answer.envelope()["request_id"].startswith("stub")  # TikTok's answer
+    [relayed] = tiktok.requests
+    assert relayed.path == path
+    assert relayed.headers["Access-Token"] == token
+    assert outcomes(gateway) == {"relayed": 1}
+
+
+async def test_the_query_is_relayed_as_sent_and_cannot_move_the_path(
+    gateway: Gateway, tiktok: TikTokStub
+) -> None:
+    query = "advertiser_id=1&next=/../../campaign/update/&code=a%2Fb%2e%2e&x=%00"
+    answer = await send(gateway, f"{PIXEL_LIST}?{query}", {"Access-Token": TOKEN})
+    assert answer.status == 200
+    echo = answer.envelope()["data"]
+    assert echo["path"] == PIXEL_LIST
+    assert echo["query"] == query
+
+
+async def test_only_the_headers_tiktok_needs_are_relayed(
+    gateway: Gateway, tiktok: TikTokStub
+) -> None:
+    body = orjson.dumps({"advertiser_id": "1"})
+    sent = {
+        "Access-Token": TOKEN,
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": "sdk/1.0",
+        "Cookie": "_ttp=browser-cookie; session=secret",
+        "Authorization": "Basic c2VjcmV0",
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Forwarded-Host": "evil.example",
+        "X-Forwarded-Proto": "https",
+        "Forwarded": "for=203.0.113.7;host=evil.example",
+        "X-Real-IP": "203.0.113.7",
+        "Origin": "https://shop.example.com",
+        "Referer": "https://shop.example.com/cart",
+        "X-Custom": "1",
+    }
+    answer = await send(gateway, PIXEL_LIST, sent, method="POST", body=body)
+    assert answer.status == 200
+    [relayed] = tiktok.requests
+    assert relayed.body == {"advertiser_id": "1"}
+    relayed_names = {name.lower() for name in relayed.headers}
+    assert relayed_names == {
+        "host", "access-token", "content-type", "content-length", "accept", "user-agent",
+    }  # fmt: skip
+    assert relayed.headers["Host"] == URL(tiktok.url).raw_authority  # TikTok's, not ours
+    assert relayed.headers["User-Agent"] == "sdk/1.0"
+
+
+async def test_a_big_answer_streams_through_the_gateway(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(passthrough_paths=("/open_api/v1.3/big/",))
+    size = 3 * 1024 * 1024 + 5
+    async with http.get(
+        f"{gateway.url}/open_api/v1.3/big/?size={size}&chunked=1", headers={"Access-Token": TOKEN}
+    ) as response:
+        assert response.status == 200
+        assert await response.read() == big_payload(size)
+    # And the default prefixes are replaced, not added to.
+    answer = await send(gateway, PIXEL_LIST, {"Access-Token": TOKEN})
+    assert answer.status == 404
+    assert outcomes(gateway) == {"relayed": 1, "refused_prefix": 1}
+
+
+async def test_an_unreachable_tiktok_is_counted(gateway: Gateway, tiktok: TikTokStub) -> None:
+    await tiktok.stop()
+    answer = await send(gateway, PIXEL_LIST, {"Access-Token": TOKEN})
+    assert answer.status == 502
+    assert outcomes(gateway) == {"upstream_error": 1}
+
+
+async def test_sandbox_mode_relays_nothing_and_says_why(
+    make_gateway: GatewayFactory, tiktok: TikTokStub
+) -> None:
+    gateway = await make_gateway(pixels={})
+    for token in ({}, {"Access-Token": TOKEN}):
+        answer = await send(gateway, PIXEL_LIST, token)
+        assert answer.status == 401
+        assert "Sandbox mode" in answer.envelope()["message"]
+    assert tiktok.requests == []
+    assert outcomes(gateway) == {"refused_token": 2}
+
+
+async def test_a_refused_path_is_logged_as_sent(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.app")
+    answer = await send(gateway, "/open_api/v1.3/pixel/%2e%2e/x%0aFORGED?token=secret")
+    assert answer.status == 400
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert "GET /open_api/v1.3/pixel/%2e%2e/x%0aFORGED: path: an encoded '.'" in line
+    assert "secret" not in line
+
+
+async def test_ingest_paths_with_another_method_still_answer_405(
+    gateway: Gateway, tiktok: TikTokStub
+) -> None:
+    answer = await send(gateway, "/open_api/v1.3/pixel/track/", {"Access-Token": TOKEN})
+    assert answer.status == 405
+    assert tiktok.requests == []

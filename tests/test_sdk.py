@@ -193,3 +193,29 @@ async def test_wrong_token_raises_the_sdks_error_with_40105(
     assert (pending, dead) == (0, 0)
     assert gateway.metric("gateway_events_rejected_total", {"reason": "auth"}) == 2
     assert tiktok.track_requests() == []
+
+
+async def test_the_sdks_measurement_calls_pass_through_and_campaign_calls_do_not(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, sdk_api: Callable[[str], Any]
+) -> None:
+    gateway = await make_gateway()
+    client = sdk_api(gateway.url).api_client
+    measurement = sdk.MeasurementApi(client)
+    # Relayed; the SDK raises on any answer but TikTok's code 0.
+    await asyncio.to_thread(measurement.pixel_list, "7001", TOKEN)
+    await asyncio.to_thread(measurement.offline_get, TOKEN, advertiser_id="7001")
+    assert [(r.path, r.query["advertiser_id"]) for r in tiktok.requests] == [
+        ("/open_api/v1.3/pixel/list/", "7001"),
+        ("/open_api/v1.3/offline/get/", "7001"),
+    ]
+
+    # The same client's campaign management is not an events client's business.
+    campaigns = sdk.CampaignCreationApi(client)
+    with pytest.raises(sdk.rest.ApiException) as refused:
+        await asyncio.to_thread(campaigns.campaign_get, "7001", TOKEN)
+    assert refused.value.status == 404
+    assert orjson.loads(refused.value.body)["code"] == 40400
+    with pytest.raises(sdk.rest.ApiException) as refused:
+        await asyncio.to_thread(measurement.pixel_list, "7001", "not-the-token")
+    assert refused.value.status == 401
+    assert len(tiktok.requests) == 2

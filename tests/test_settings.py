@@ -39,6 +39,7 @@ def test_parses_every_documented_variable() -> None:
             "GATEWAY_PHONE_REGION": "us",
             "GATEWAY_LEGACY_ALIASES": "false",
             "GATEWAY_PASSTHROUGH": "no",
+            "GATEWAY_PASSTHROUGH_PATHS": "/open_api/v1.3/pixel/list/, /open_api/v1.3/offline",
             "OTHER": "ignored",
         }
     )
@@ -47,6 +48,7 @@ def test_parses_every_documented_variable() -> None:
     assert not s.sandbox
     assert s.merge_window == 2.5 and s.dedup_window == 60
     assert not s.early_flush and not s.legacy_aliases and not s.passthrough
+    assert s.passthrough_paths == ("/open_api/v1.3/pixel/list/", "/open_api/v1.3/offline")
     assert s.allowed_origins == {"https://shop.example.com", "https://www.example.com"}
     assert len(s.trusted_proxies) == 2
     assert s.phone_region == "US"
@@ -71,6 +73,14 @@ def test_parses_every_documented_variable() -> None:
         ("GATEWAY_FORWARD_BATCH_SIZE", "5000"),
         ("GATEWAY_PIXEL_RATE_LIMIT", "-1"),
         ("GATEWAY_PIXEL_RATE_LIMIT", "inf"),
+        ("GATEWAY_PASSTHROUGH_PATHS", "/open_api/v1.3/pixel/,campaign"),
+        ("GATEWAY_PASSTHROUGH_PATHS", "/admin/"),
+        ("GATEWAY_PASSTHROUGH_PATHS", "/open_api"),
+        ("GATEWAY_PASSTHROUGH_PATHS", "/open_api/v1.3/pixel/../campaign/"),
+        ("GATEWAY_PASSTHROUGH_PATHS", "/open_api//v1.3/"),
+        ("GATEWAY_PASSTHROUGH_PATHS", "/open_api/v1.3/%70ixel/"),
+        ("GATEWAY_PASSTHROUGH_PATHS", "/open_api/v1.3/pixel/,"),
+        ("GATEWAY_PASSTHROUGH_PATHS", "https://business-api.tiktok.com/open_api/v1.3/"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -78,6 +88,13 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
         Settings.from_env({name: value})
     assert info.value.variable == name
     assert str(info.value).startswith(name)
+
+
+def test_passthrough_paths_default_to_what_an_events_client_calls() -> None:
+    paths = Settings.from_env({}).passthrough_paths
+    assert paths == ("/open_api/v1.2/pixel/", "/open_api/v1.3/pixel/", "/open_api/v1.3/offline/")
+    everything = Settings.from_env({"GATEWAY_PASSTHROUGH_PATHS": "/open_api/"})
+    assert everything.passthrough_paths == ("/open_api/",)  # the operator's explicit choice
 
 
 def test_a_pixel_rate_limit_of_zero_is_no_limit() -> None:
