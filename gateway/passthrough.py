@@ -70,6 +70,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# A cookie TikTok sets would land on the gateway's own (often the shop's first-party)
+# domain, where browsers post beacons: API clients have no use for it.
+NOT_RELAYED_RESPONSE_HEADERS = frozenset({"set-cookie", "set-cookie2"})
 # aiohttp adds these when absent; a relayed request must carry only what the
 # client sent (a default Accept-Encoding would get a compressed answer the
 # client never asked for).
@@ -208,8 +211,8 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def filter_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """A copy of `headers` (TikTok's answer) without hop-by-hop headers."""
-    drop = HOP_BY_HOP | _connection_tokens(headers)
+    """A copy of `headers` (TikTok's answer) without hop-by-hop headers and cookies."""
+    drop = HOP_BY_HOP | NOT_RELAYED_RESPONSE_HEADERS | _connection_tokens(headers)
     kept: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         if name.lower() not in drop:

@@ -54,6 +54,9 @@ def big_payload(size: int) -> bytes:
     return (_PATTERN * repeats)[:size]
 
 
+UPSTREAM_COOKIE = "tt_upstream=1; Path=/; HttpOnly"
+
+
 @dataclass
 class RecordedRequest:
     """One request as the stub received it."""
@@ -270,7 +273,8 @@ class TikTokStub:
             "query": request.rel_url.raw_query_string,  # as sent, still percent-encoded
             "body_length": len(raw),
         }
-        return self._envelope(0, "OK", data=echo)
+        # TikTok's hosts may set cookies of their own; the gateway must not pass them on.
+        return self._envelope(0, "OK", data=echo, headers={"Set-Cookie": UPSTREAM_COOKIE})
 
     def _envelope(
         self,
