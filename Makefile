@@ -46,7 +46,7 @@ test: lint typecheck pytest
 fuzz: $(STAMP)
 	FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-500} $(BIN)/pytest -q tests/test_fuzz.py
 
-# The chaos soak (tests/test_chaos_soak.py; `make test` runs it for 20 seconds): the same
+# The chaos soak (tests/test_chaos_soak.py; `make test` runs it for 30 seconds): the same
 # test for SOAK_SECONDS (default 200, about 4 minutes in all). SOAK_SEED=<seed> replays one.
 .PHONY: soak
 soak: $(STAMP)

@@ -22,7 +22,7 @@ restart once more, and the ledger must show:
 - no key reached TikTok that no client ever sent;
 - the gateway never answered HTTP 500, nor anything but code 0 or 503 with 50002;
 - a pair whose copies were both acknowledged well inside the merge window, with no
-  fault in between, reached TikTok merged (the browser's ttp and the server's email).
+  process fault in between, reached TikTok merged (the browser's ttp and the server's email).
 
 SOAK_SECONDS (default 30) is how long traffic and faults run; `make soak` runs minutes.
 SOAK_SEED (default 19) picks the schedule and the traffic; a failure names both.
@@ -59,11 +59,12 @@ from tests.tiktok_stub import Answer, RecordedRequest, TikTokStub
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
 SEED = int(os.environ.get("SOAK_SEED", "19"))
 
-# Measured with today's store: SOAK_SECONDS=20 runs send about 500 keys and deliver
-# 0-3% of them twice, the long run about 1%; a key goes twice when a gateway or Redis
-# dies between TikTok's answer and the store's record of it. The bound leaves margin
-# for a short run whose one unlucky kill lands on a large batch.
-MAX_TWICE_SHARE = 0.10
+# Measured with today's store: the default 30-second runs send about 1,300 keys and
+# deliver 0.1-1.0% of them twice, the 200-second `make soak` 1.4% of about 7,100. A key
+# goes twice when a gateway or Redis dies between TikTok's answer and the store's record
+# of it; the largest such clump seen is about 40 keys (a batch retried through a TikTok
+# stretch, cut by a Redis kill). 5% leaves room for two of those in a short run.
+MAX_TWICE_SHARE = 0.05
 
 MERGE_WINDOW = 1.0
 # Both copies of a pair acknowledged this soon after the first was sent: merged for sure.
