@@ -46,6 +46,12 @@ test: lint typecheck pytest
 fuzz: $(STAMP)
 	FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-500} $(BIN)/pytest -q tests/test_fuzz.py
 
+# The chaos soak (tests/test_chaos_soak.py; `make test` runs it for 30 seconds): the same
+# test for SOAK_SECONDS (default 200, about 4 minutes in all). SOAK_SEED=<seed> replays one.
+.PHONY: soak
+soak: $(STAMP)
+	SOAK_SECONDS=$${SOAK_SECONDS:-200} $(BIN)/pytest -q -s tests/test_chaos_soak.py
+
 # The benchmark against B0 (bench/, docs/benchmarks.md): under 10 minutes, not part of
 # `make test`. Writes bench/results/<date>.json and regenerates docs/benchmarks.md.
 $(BENCH_STAMP): $(STAMP)

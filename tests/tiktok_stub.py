@@ -7,6 +7,9 @@ It records every request, answers `/open_api/v1.3/event/track/` with queued
 An event/track request carrying an event_id in `reject_event_ids` is answered
 40002 naming that event's index (`data.<i>.event_id: Invalid value`) without
 taking a queued answer, and none of its events count as received.
+`answer_for`, when set, picks each event/track answer before the queue does;
+`add_listener()` opens one more port, and each request records the port it came in
+on, so a test can answer each client its own way.
 
     stub = TikTokStub()
     await stub.start()
@@ -67,6 +70,7 @@ class RecordedRequest:
     body: Any  # parsed JSON, or the raw bytes when the body is not JSON
     received_at: float  # time.monotonic()
     query: dict[str, str] = field(default_factory=dict)
+    port: int = 0  # the stub's port it came in on (see `TikTokStub.add_listener`)
 
 
 @dataclass
@@ -101,6 +105,8 @@ class TikTokStub:
         self.reject_event_ids: set[str] = set()
         # Seconds before answering any path other than event/track (proxy timeouts).
         self.echo_delay = 0.0
+        # Consulted first for each event/track answer; None from it: the queue's answer.
+        self.answer_for: Callable[[RecordedRequest], Answer | None] | None = None
         self._events: list[dict[str, Any]] = []
         self._answers: deque[Answer] = deque()
         self._ids = itertools.count(1)
@@ -122,6 +128,15 @@ class TikTokStub:
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
 
+    async def add_listener(self) -> str:
+        """One more loopback port serving the same stand-in; returns its URL."""
+        if self._runner is None:
+            raise RuntimeError("TikTokStub.start() was not awaited")
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[-1][:2]
+        return f"http://{host}:{port}"
+
     async def stop(self) -> None:
         """Stop listening; answers still waiting out a delay are cut short."""
         if self._closing is not None:
@@ -138,12 +153,13 @@ class TikTokStub:
         await self.stop()
 
     def reset(self) -> None:
-        """Forget requests, events, queued answers, rejections and delays."""
+        """Forget requests, events, queued answers, rejections, delays and `answer_for`."""
         self.requests.clear()
         self._events.clear()
         self._answers.clear()
         self.reject_event_ids.clear()
         self.echo_delay = 0.0
+        self.answer_for = None
 
     def queue(self, *answers: Answer) -> None:
         """Answer the next event/track requests so, in order; then code 0 again."""
@@ -217,23 +233,27 @@ class TikTokStub:
             body=_parse(raw),
             received_at=time.monotonic(),
             query=dict(request.query),
+            port=_local_port(request),
         )
         self.requests.append(recorded)
         await self._notify()
         if request.path == TRACK_PATH and request.method == "POST":
-            return await self._track(request, recorded.body)
+            return await self._track(request, recorded)
         if request.path.startswith("/open_api/"):
             await self._pause(self.echo_delay)
             return await self._other(request, raw)
         return self._envelope(40400, "Not found", status=404)
 
-    async def _track(self, request: web.Request, body: Any) -> web.StreamResponse:
+    async def _track(self, request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+        body = recorded.body
         data = body.get("data") if isinstance(body, dict) else None
         items: list[dict[str, Any]] = data if isinstance(data, list) else []
         rejected = self._first_rejected(items)
         if rejected is not None:
             return self._envelope(40002, f"data.{rejected}.event_id: Invalid value")
-        answer = self._answers.popleft() if self._answers else Answer()
+        answer = self.answer_for(recorded) if self.answer_for is not None else None
+        if answer is None:
+            answer = self._answers.popleft() if self._answers else Answer()
         await self._pause(answer.delay)
         if answer.drop_connection:
             _drop(request)
@@ -310,6 +330,11 @@ def _parse(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return raw
+
+
+def _local_port(request: web.Request) -> int:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return int(sockname[1]) if sockname else 0
 
 
 def _retry(answer: Answer) -> dict[str, str] | None:
