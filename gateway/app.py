@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from . import demo, ingest, passthrough, pixeljs
 from .embedded import EmbeddedRedis
@@ -339,7 +339,7 @@ async def _answer(
         if isinstance(exc, BodyTimeout):
             response.force_close()  # the rest of the body may still be trickling in
         return response
-    except (StoreUnavailable, RedisError) as exc:
+    except (StoreUnavailable, RedisError, RedisClusterException) as exc:
         # RedisError: the store translates every one; this is the net under a path it missed.
         request.app[METRICS].redis_errors.inc()
         request.app[METRICS].rejected.labels("store_unavailable").inc()

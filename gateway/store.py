@@ -1038,7 +1038,8 @@ class Store:
                     f"Redis answered MOVED {exc}: it is a cluster; set GATEWAY_REDIS_CLUSTER=1"
                 ) from exc
             raise StoreUnavailable(f"Redis unavailable: {exc} (MovedError)") from exc
-        except (redis_errors.RedisError, OSError) as exc:
+        except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError) as exc:
+            # RedisClusterException: the cluster client found no node to ask.
             raise StoreUnavailable(f"Redis unavailable: {exc} ({type(exc).__name__})") from exc
 
 
