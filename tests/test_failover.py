@@ -36,12 +36,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster import NODES, LocalCluster
 from tests.conftest import PIXEL, TOKEN
 from tests.helpers import server_event, wait_for
-from tests.processes import Launcher, poll_until
+from tests.processes import Launcher, poll_until, scraped
 from tests.tiktok_stub import TikTokStub
 
 SOAK_SECONDS = float(os.environ.get("FAILOVER_SOAK_SECONDS", "0"))
@@ -102,19 +101,6 @@ async def launcher(tiktok: TikTokStub, tmp_path: Path) -> AsyncIterator[Launcher
     )
     yield launcher
     await launcher.close()
-
-
-async def _metric(http: aiohttp.ClientSession, base: str, name: str) -> float:
-    """A metric's value from /metrics (summed over labels)."""
-    async with http.get(f"{base}/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    )
 
 
 async def _client(
@@ -205,7 +191,7 @@ async def test_a_primary_killed_under_traffic_loses_nothing_acknowledged(
         """A whole second of requests with no refusal, and every shard claimed."""
         if time.monotonic() - max([promoted, *ledger.refused_at]) <= 1.0:
             return False
-        return not await _metric(http, gateway.url, "gateway_unclaimable_shards")
+        return not await scraped(http, gateway.url, "gateway_unclaimable_shards")
 
     stop = asyncio.Event()
     clients = [
@@ -243,7 +229,7 @@ async def test_a_primary_killed_under_traffic_loses_nothing_acknowledged(
     async def arrived() -> bool:
         if not must_arrive <= {e["event_id"] for e in tiktok.events()}:
             return False
-        return bool(wait_replicas) or not await _metric(
+        return bool(wait_replicas) or not await scraped(
             http, gateway.url, "gateway_pending_events"
         )
 
