@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: run test lint typecheck pytest bench bench-smoke clean
+.PHONY: run test lint typecheck pytest bench bench-smoke soak-failover clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ fuzz: $(STAMP)
 .PHONY: soak
 soak: $(STAMP)
 	SOAK_SECONDS=$${SOAK_SECONDS:-200} $(BIN)/pytest -q -s tests/test_chaos_soak.py
+
+# The cluster failover test (tests/test_failover.py; `make test` kills one primary per
+# variant) for FAILOVER_SOAK_SECONDS (default 300), killing a primary every few seconds.
+.PHONY: soak-failover
+soak-failover: $(STAMP)
+	FAILOVER_SOAK_SECONDS=$${FAILOVER_SOAK_SECONDS:-300} $(BIN)/pytest -q -s tests/test_failover.py
 
 # The benchmark against B0 (bench/, docs/benchmarks.md): under 10 minutes, not part of
 # `make test`. Writes bench/results/<date>.json and regenerates docs/benchmarks.md.

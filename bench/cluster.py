@@ -1,22 +1,27 @@
 """A real three-primary Redis Cluster on loopback, for the bench's scale-out phases and the tests.
 
-Three `redis-server` processes in cluster mode (no replicas), each in a short
-temporary directory; the 16384 slots are split in three ranges, the nodes meet,
-and the cluster is ready once every node says `cluster_state:ok`.
+Three `redis-server` processes in cluster mode, each in a short temporary
+directory; the 16384 slots are split in three ranges, the nodes meet, and the
+cluster is ready once every node says `cluster_state:ok`. With `replicas=1`,
+three more nodes each replicate one primary (CLUSTER REPLICATE, as
+`redis-cli --cluster create --cluster-replicas 1` would do), and the cluster is
+ready once every replica's link to its primary is up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import socket
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from gateway.embedded import EmbeddedRedis
 
@@ -54,13 +59,31 @@ class LocalCluster:
     """Start, empty and stop a three-primary cluster; `url` points at its first node.
 
     `binary` is the redis-server to run (default: the gateway's own choice);
-    `appendfsync` the nodes' append-only policy."""
+    `appendfsync` the nodes' append-only policy; `replicas` per primary (0 or 1):
+    `nodes[NODES + i]` replicates `nodes[i]` when formed; `node_timeout` in ms is
+    how long a primary may be unreachable before its replica takes over."""
 
-    def __init__(self, binary: str | None = None, appendfsync: str = "no") -> None:
+    def __init__(
+        self,
+        binary: str | None = None,
+        appendfsync: str = "no",
+        *,
+        replicas: int = 0,
+        node_timeout: int = 2000,
+    ) -> None:
+        if replicas not in (0, 1):
+            raise ValueError("replicas must be 0 or 1")
         self.binary = binary
         self.appendfsync = appendfsync
+        self.replicas = replicas
+        self.node_timeout = node_timeout
         self.nodes: list[EmbeddedRedis] = []
         self.dirs: list[Path] = []
+
+    @property
+    def size(self) -> int:
+        """How many nodes: the primaries and their replicas."""
+        return NODES * (1 + self.replicas)
 
     @property
     def url(self) -> str:
@@ -91,17 +114,18 @@ class LocalCluster:
         self.dirs = []
 
     async def flushall(self) -> None:
-        """Empty every primary."""
+        """Empty every primary (replicas follow their primary)."""
         for url in self.urls:
             client = aioredis.Redis.from_url(url)
             try:
-                await client.flushall()
+                with contextlib.suppress(ReadOnlyError):
+                    await client.flushall()
             finally:
                 await client.aclose()
 
     async def _start_nodes(self) -> None:
         taken: set[int] = set()
-        for _ in range(NODES):
+        for _ in range(self.size):
             for attempt in range(5):
                 port = cluster_port(taken)
                 data = Path(tempfile.mkdtemp(prefix="gwc"))
@@ -114,7 +138,7 @@ class LocalCluster:
                     extra_args=[
                         *("--cluster-enabled", "yes"),
                         *("--cluster-config-file", str(data / "nodes.conf")),
-                        *("--cluster-node-timeout", "2000"),
+                        *("--cluster-node-timeout", str(self.node_timeout)),
                     ],
                 )
                 try:
@@ -132,7 +156,7 @@ class LocalCluster:
         clients = [aioredis.Redis.from_url(url) for url in self.urls]
         try:
             bounds = [SLOTS * i // NODES for i in range(NODES + 1)]
-            for i, client in enumerate(clients):
+            for i, client in enumerate(clients[:NODES]):
                 slots = list(range(bounds[i], bounds[i + 1]))
                 for start in range(0, len(slots), ADDSLOTS_CHUNK):
                     chunk = slots[start : start + ADDSLOTS_CHUNK]
@@ -141,26 +165,71 @@ class LocalCluster:
             for node in self.nodes[1:]:
                 port = int(node.url.rsplit(":", 1)[1])
                 await first.execute_command("CLUSTER MEET", "127.0.0.1", port)
-            await self._wait_ok(clients)
+            await self._wait_ok(clients[:NODES], known=self.size)
+            if self.replicas:
+                ids = [_text(await c.execute_command("CLUSTER MYID")) for c in clients]
+                for i, replica in enumerate(clients[NODES:]):
+                    # The replica must know its primary first: wait until it does.
+                    await _until(
+                        lambda r=replica, i=i: _replicate(r, ids[i]), "a replica to attach"
+                    )
+            await self._wait_ok(clients, known=self.size)
         finally:
             for client in clients:
                 await client.aclose()
 
-    @staticmethod
-    async def _wait_ok(clients: list[aioredis.Redis]) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + READY_TIMEOUT
-        while True:
+    async def _wait_ok(self, clients: list[aioredis.Redis], known: int | None = None) -> None:
+        """Until every node says the cluster is ok and knows `known` nodes (all of them),
+        and every replica among them has its link to its primary up."""
+
+        async def ok() -> bool:
             # redis-py parses CLUSTER INFO into a dict of strings.
             infos = [await _cluster_info(c) for c in clients]
-            if all(
-                i.get("cluster_state") == "ok" and i.get("cluster_known_nodes") == str(NODES)
+            if not all(
+                i.get("cluster_state") == "ok"
+                and i.get("cluster_known_nodes") == str(known or self.size)
                 for i in infos
             ):
-                return
-            if loop.time() > deadline:
-                raise RuntimeError(f"cluster not ready after {READY_TIMEOUT:g}s: {infos}")
-            await asyncio.sleep(0.05)
+                return False
+            for client in clients:
+                try:
+                    info = await client.info("replication")
+                    aof = await client.info("persistence")
+                except (RedisError, OSError):  # a node still starting
+                    return False
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                    return False
+                # A replica rewrites its AOF after a full sync, and refuses to shut down
+                # until that is done ("Writing initial AOF, can't exit").
+                if aof.get("aof_rewrite_in_progress") or aof.get("aof_rewrite_scheduled"):
+                    return False
+            return True
+
+        await _until(ok, "the cluster to be ready")
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READY_TIMEOUT
+    while not await condition():
+        if loop.time() > deadline:
+            raise RuntimeError(f"waited {READY_TIMEOUT:g}s for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _replicate(replica: aioredis.Redis, primary_id: str) -> bool:
+    """Make `replica` replicate the node `primary_id`; False while it does not know it yet."""
+    try:
+        await replica.execute_command("CLUSTER REPLICATE", primary_id)
+    except ResponseError as exc:
+        if "Unknown node" in str(exc):
+            return False
+        raise
+    return True
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _cluster_info(client: aioredis.Redis) -> dict[str, str]:

@@ -18,6 +18,9 @@ Redis), then the phases, the gateway's and B0's interleaved:
     scale-out          saturation-pixel and -server again, on `tiktok-gateway
                        serve --workers 2`: on the rig's Redis, then on a
                        3-primary Redis Cluster (bench.cluster)        gateway2, gateway2-cluster
+    wait-replicas      saturation-server on a 3-primary cluster with a replica each,
+                       GATEWAY_REDIS_WAIT_REPLICAS 0 then 1: what waiting for a
+                       replica costs                                  gateway2-replicated-wait0|1
 
 After each phase the stand-in checks every acknowledged key (exactly once
 for the gateway; at least once for B0), then its ledger and Redis are
@@ -31,6 +34,7 @@ Ctrl-C or SIGTERM; every wait is bounded.
     python -m bench.run --smoke           # half a minute of tiny loads, into a temp directory
     python -m bench.run --redis-server /usr/bin/redis-server
     python -m bench.run --only scale-out  # the gateway's saturation phases and scale-out only
+    python -m bench.run --only wait-replicas  # the cost of GATEWAY_REDIS_WAIT_REPLICAS only
 """
 
 from __future__ import annotations
@@ -255,17 +259,23 @@ class Rig:
         self.procs[name] = proc
         return proc
 
-    async def start_workers(self, name: str, cluster: bool) -> Target:
+    async def start_workers(
+        self, name: str, cluster: bool, *, replicas: int = 0, wait_replicas: int = 0
+    ) -> Target:
         """`tiktok-gateway serve --workers N` on the rig's Redis, or on a fresh 3-primary
-        cluster (started here, the rig's redis-server binary); ready once every worker
-        listens. Not under bench.probe: its round trips are not counted."""
+        cluster (started here, the rig's redis-server binary; `replicas` per primary);
+        ready once every worker listens. Not under bench.probe: its round trips are not
+        counted. `wait_replicas`: GATEWAY_REDIS_WAIT_REPLICAS."""
         if cluster:
-            self.cluster = LocalCluster(self.redis_binary, appendfsync="everysec")
+            self.cluster = LocalCluster(
+                self.redis_binary, appendfsync="everysec", replicas=replicas
+            )
             await self.cluster.start()
         port = free_port()
         env = self._gateway_env(name, port, self.cluster.url if self.cluster else self.redis_url)
         if cluster:
             env["GATEWAY_REDIS_CLUSTER"] = "1"
+        env["GATEWAY_REDIS_WAIT_REPLICAS"] = str(wait_replicas)
         argv = python_module("gateway", "serve", "--workers", str(SCALE_WORKERS))
         proc = self._spawn(name, argv, env)
         await wait_listening(proc, port, SCALE_WORKERS)
@@ -620,6 +630,40 @@ async def scale_out(rig: Rig, plan: Plan) -> dict[str, Any]:
     return out
 
 
+async def wait_replicas_cost(rig: Rig, plan: Plan) -> dict[str, Any]:
+    """saturation-server on a 3-primary cluster with a replica each, without and with
+    GATEWAY_REDIS_WAIT_REPLICAS=1: every ingest pipeline then ends with WAIT on each
+    primary it wrote to."""
+    out: dict[str, Any] = {"workers": SCALE_WORKERS, "cluster_nodes": NODES, "replicas": 1,
+                           "phases": {}}  # fmt: skip
+    for wait in (0, 1):
+        name = f"gateway2-replicated-wait{wait}"
+        target = await rig.start_workers(name, True, replicas=1, wait_replicas=wait)
+        try:
+            out["phases"][f"{name}-saturation-server"] = await saturation(
+                rig, plan, target, "server"
+            )
+        finally:
+            await rig.stop_workers(name)
+    return out
+
+
+def wait_replicas_figures(results: dict[str, Any]) -> dict[str, Any]:
+    """Events/s and latency of server batches, per GATEWAY_REDIS_WAIT_REPLICAS."""
+    rows = {}
+    for wait in (0, 1):
+        phase = results["wait_replicas"]["phases"].get(
+            f"gateway2-replicated-wait{wait}-saturation-server"
+        )
+        if phase is not None:
+            rows[f"wait_replicas_{wait}"] = {
+                "events_per_s": phase["load"]["kinds"]["server"]["events_per_s"],
+                "latency_ms": _lat(phase, "server"),
+                "exactly_once": phase["delivery"]["exactly_once"],
+            }
+    return rows
+
+
 # -- figures ----------------------------------------------------------------------------
 
 
@@ -794,6 +838,17 @@ async def run(
     # have fixed lengths, and run again when disturbed only while the budget allows.
     if only == "scale-out":
         return await run_scale_out_only(plan, redis_binary, workdir, results, started)
+    if only == "wait-replicas":
+        rig = Rig(workdir, plan, redis_binary)
+        rig.reruns_until = time.monotonic() + BUDGET_SECONDS - RIG_SECONDS
+        try:
+            await rig.start()
+            results["wait_replicas"] = await wait_replicas_cost(rig, plan)
+        finally:
+            await rig.close()
+        results["figures"] = {"wait_replicas": wait_replicas_figures(results)}
+        results["meta"]["seconds"] = round(time.time() - started, 1)
+        return results
     if not skip_memory:
         print(f"memory: {plan.memory_keys:,} keys through the store", flush=True)
         results["memory"] = await memory.measure(plan.memory_keys, redis_binary)
@@ -817,9 +872,12 @@ async def run(
         results["profile"] = await profile(rig, plan)
         print(f"scale-out: {SCALE_WORKERS} processes", flush=True)
         results["scale_out"] = await scale_out(rig, plan)
+        print("wait-replicas: a cluster with replicas, without and with WAIT", flush=True)
+        results["wait_replicas"] = await wait_replicas_cost(rig, plan)
     finally:
         await rig.close()
     results["figures"] = figures(results)
+    results["figures"]["wait_replicas"] = wait_replicas_figures(results)
     results["meta"]["seconds"] = round(time.time() - started, 1)
     return results
 
@@ -853,8 +911,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-report", action="store_true", help="do not write docs/")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
-    parser.add_argument("--only", choices=["scale-out"],
-                        help="only the gateway's saturation and the scale-out phases (no report)")
+    parser.add_argument("--only", choices=["scale-out", "wait-replicas"],
+                        help="only the gateway's saturation and the scale-out phases, or only "
+                             "the cost of GATEWAY_REDIS_WAIT_REPLICAS (no report)")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     binary = args.redis_server or choose_redis_server()
@@ -862,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     if out is None:
         out = (Path(tempfile.gettempdir()) / "tkgw-bench-smoke.json" if args.smoke
-               else Path(tempfile.gettempdir()) / "tkgw-bench-scale-out.json" if args.only
+               else Path(tempfile.gettempdir()) / f"tkgw-bench-{args.only}.json" if args.only
                else RESULTS / f"{datetime.date.today().isoformat()}.json")
     loop_main = asyncio.new_event_loop()
     task = loop_main.create_task(run(plan, binary, workdir, args.skip_memory, args.only))

@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from redis.exceptions import RedisClusterException, RedisError
 
 from . import demo, ingest, passthrough, pixeljs
 from .embedded import EmbeddedRedis
@@ -100,6 +101,8 @@ def make_store(client: RedisClient, settings: Settings) -> Store:
         timeline=settings.timeline_retention > 0,
         timeline_retention=settings.timeline_retention,
         dedup_buckets=settings.dedup_buckets,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout=settings.redis_wait_timeout,
     )
 
 
@@ -338,16 +341,17 @@ async def _answer(
         if isinstance(exc, BodyTimeout):
             response.force_close()  # the rest of the body may still be trickling in
         return response
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, RedisError, RedisClusterException) as exc:
+        # RedisError: the store translates every one; this is the net under a path it missed.
         request.app[METRICS].redis_errors.inc()
         request.app[METRICS].rejected.labels("store_unavailable").inc()
         log.warning("refused %s %s: %s", request.method, request.path, exc)
         return envelope(
             request,
-            exc.code,
+            StoreUnavailable.code,
             "Temporarily unavailable: the event was not acknowledged, please retry "
             "(retrying is safe: a copy that did get stored is merged or dropped)",
-            status=exc.http_status,
+            status=StoreUnavailable.http_status,
         )
     except web.HTTPRequestEntityTooLarge:
         request.app[METRICS].rejected.labels("too_large").inc()

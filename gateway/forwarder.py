@@ -126,12 +126,19 @@ class Forwarder:
             except Exception:
                 log.exception("forwarder iteration failed")
                 forwarded = 0
+            self._report_unclaimable()
             # A claim that took a whole batch may have left more due: claim again at once.
             # Otherwise wait for the next poll, or a wake: under steady load events fall
             # due all the time, and claiming them as they trickle in would send TikTok
             # many small requests instead of a few large ones.
             if forwarded < self.settings.forward_batch_size and not self._stopping:
                 await self._idle(min(self.settings.forward_poll_interval * (1 + failures), 5.0))
+
+    def _report_unclaimable(self) -> None:
+        failing = self.store.unclaimable
+        self.metrics.unclaimable_shards.set(len(failing))
+        since = min(failing.values(), default=None)
+        self.metrics.unclaimable_seconds.set(0.0 if since is None else self.clock() - since)
 
     def stop(self) -> None:
         self._stopping = True

@@ -108,6 +108,8 @@ class Metrics:
     redis_errors: Counter
     redis_up: Gauge
     passthrough_requests: Counter
+    unclaimable_shards: Gauge
+    unclaimable_seconds: Gauge
     build_info: Info
 
     def pixel_label(self, pixel_code: str, configured: Iterable[str]) -> str:
@@ -227,6 +229,17 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
             "gateway_passthrough_requests",
             "Requests to other /open_api/ paths: relayed to TikTok, or refused and why.",
             ["outcome"], registry=registry,
+        ),
+        unclaimable_shards=Gauge(
+            "gateway_unclaimable_shards",
+            "Shards the forwarder's last claim failed on (their Redis node away, failing over "
+            "or refusing); retried at every claim. The log names them.",
+            multiprocess_mode="livemax", registry=registry,
+        ),
+        unclaimable_seconds=Gauge(
+            "gateway_unclaimable_shards_seconds",
+            "How long the longest-failing shard has failed to be claimed; 0 when all are claimed.",
+            multiprocess_mode="livemax", registry=registry,
         ),
         build_info=Info("gateway_build", "The gateway's version.", registry=registry),
     )

@@ -39,6 +39,11 @@ class Settings:
     redis_cluster: bool = False
     # Longest wait on Redis (connect, command, a pooled connection) before answering 503.
     redis_timeout: float = 5.0
+    # Acknowledge an ingest only once this many replicas confirm it (WAIT); 0: do not wait
+    # (replication is asynchronous: a primary dying an instant after may lose the write).
+    redis_wait_replicas: int = 0
+    # How long an ingest waits for those replicas before answering 503.
+    redis_wait_timeout: float = 1.0
     data_dir: Path = Path(".gateway")
     pixels: Mapping[str, str] = field(default_factory=dict)
     upstream_url: str = TIKTOK_URL
@@ -146,6 +151,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         redis_url=get("REDIS_URL", _redis_url, None),
         redis_cluster=get("REDIS_CLUSTER", _bool, False),
         redis_timeout=get("REDIS_TIMEOUT", _seconds, d.redis_timeout),
+        redis_wait_replicas=get("REDIS_WAIT_REPLICAS", _whole_number, d.redis_wait_replicas),
+        redis_wait_timeout=get("REDIS_WAIT_TIMEOUT", _seconds, d.redis_wait_timeout),
         data_dir=get("DATA_DIR", lambda _n, v: Path(v), d.data_dir),
         pixels=get("PIXELS", _pixels, {}),
         upstream_url=get("UPSTREAM_URL", _http_url, d.upstream_url),
@@ -195,6 +202,12 @@ def _parse(env: Mapping[str, str]) -> Settings:
         # The embedded Redis is one node, and a cluster is reached over TCP only.
         raise ConfigError(
             "GATEWAY_REDIS_CLUSTER", "needs GATEWAY_REDIS_URL=redis:// or rediss:// of a node"
+        )
+    if settings.redis_wait_replicas and settings.redis_wait_timeout >= settings.redis_timeout:
+        # The connection would time out first, and be dropped, while WAIT still waits.
+        raise ConfigError(
+            "GATEWAY_REDIS_WAIT_TIMEOUT",
+            f"must be shorter than GATEWAY_REDIS_TIMEOUT ({settings.redis_timeout:g} s)",
         )
     _check_browser_settings(settings)
     return settings
@@ -277,6 +290,12 @@ _rate = _number("a number a second (0: no limit)", zero="no limit")
 def _positive_int(name: str, raw: str) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError(name, f"expected a positive whole number, got {raw!r}")
+    return int(raw)
+
+
+def _whole_number(name: str, raw: str) -> int:
+    if not raw.isdigit():
+        raise ConfigError(name, f"expected a whole number, 0 or more, got {raw!r}")
     return int(raw)
 
 

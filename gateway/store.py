@@ -74,7 +74,7 @@ from typing import Any, Literal, NamedTuple
 import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
 from .errors import LayoutMismatch, StoreUnavailable
@@ -459,8 +459,13 @@ class Store:
         timeline: bool = True,
         timeline_retention: float | None = None,
         dedup_buckets: int = 1024,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         self.client = client
+        # Acknowledge an ingest only once this many replicas have it (WAIT), or answer 503.
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = max(1, int(wait_timeout * 1000))
         self.shards = shards
         self.merge_window_ms = int(merge_window * 1000)
         self.dedup_window_ms = int(dedup_window * 1000)
@@ -476,6 +481,8 @@ class Store:
         ] = collections.deque()
         self._flusher: asyncio.Task[None] | None = None
         self._claim_warned_at = -math.inf
+        self.unclaimable: dict[int, float] = {}
+        """Shards whose last claim failed -> when (Unix seconds) their claims began failing."""
         self._layout_checked = False
         # Script objects give the SHA1 and source; calls go through `_run`.
         self._scripts = {
@@ -584,17 +591,15 @@ class Store:
             for shard in range(self.shards)
         ]
         # Partial: on a cluster with one primary away, the others' shards still forward.
-        replies = await self._run_batched(items, partial=True)
-        failed = [shard for shard, r in enumerate(replies) if isinstance(r, Exception)]
-        # Said once a minute at most: the forwarder polls several times a second.
-        if failed and time.monotonic() - self._claim_warned_at > 60.0:
-            self._claim_warned_at = time.monotonic()
-            log.warning(
-                "cannot claim %d of %d shards (%s); claiming the others",
-                len(failed),
-                self.shards,
-                replies[failed[0]],
-            )
+        try:
+            replies = await self._run_batched(items, partial=True)
+        except StoreUnavailable as exc:
+            # Every shard: Redis is away, which the forwarder says itself.
+            self._note_unclaimable({shard: exc for shard in range(self.shards)}, now, say=False)
+            raise
+        self._note_unclaimable(
+            {shard: r for shard, r in enumerate(replies) if isinstance(r, Exception)}, now
+        )
         claims = []
         for shard, entries in enumerate(replies):
             if isinstance(entries, Exception):
@@ -614,6 +619,37 @@ class Store:
                     )
                 )
         return claims
+
+    def _note_unclaimable(
+        self, failures: dict[int, Exception], now: float, *, say: bool = True
+    ) -> None:
+        """Keep `unclaimable` up to date and say which shards cannot be claimed, and since
+        when: when that changes, and once a minute while it lasts. A failing shard is
+        tried again at every claim, never given up on."""
+        recovered = sorted(set(self.unclaimable) - set(failures))
+        if recovered:
+            since = min(self.unclaimable[shard] for shard in recovered)
+            log.warning(
+                "claiming shard(s) %s again, after %.1f s", _shard_list(recovered), now - since
+            )
+        for shard in recovered:
+            del self.unclaimable[shard]
+        fresh = sorted(set(failures) - set(self.unclaimable))
+        for shard in fresh:
+            self.unclaimable[shard] = now
+        # Said at most once a minute unless the set grows: the forwarder claims several
+        # times a second.
+        if say and failures and (fresh or time.monotonic() - self._claim_warned_at > 60.0):
+            self._claim_warned_at = time.monotonic()
+            failing = sorted(self.unclaimable)
+            log.warning(
+                "cannot claim %d of %d shards (%s) since %.1f s (%s); claiming the others",
+                len(failing),
+                self.shards,
+                _shard_list(failing),
+                now - min(self.unclaimable.values()),
+                failures[failing[0]],
+            )
 
     async def ack(
         self, claims: Sequence[Claim], now: float, request_id: str = "", timeline: bytes = b""
@@ -894,11 +930,19 @@ class Store:
         return replies
 
     async def _run(self, calls: Sequence[ScriptCall], *, partial: bool = False) -> list[Any]:
-        """Run script calls in one pipeline; reload scripts Redis lost and rerun only those.
+        """Run script calls in one pipeline; rerun those a node had no script for.
 
-        A failed call raises, unless `partial`: then its exception takes its place in the
-        replies (on a cluster one primary may be away while the others answer), and only
-        when every call failed is the first failure raised.
+        A node answers NOSCRIPT when its script cache is empty: it restarted, someone ran
+        SCRIPT FLUSH, or it is a replica just promoted (Redis 7 no longer copies SCRIPT
+        LOAD to replicas). The calls it refused run again once as EVAL with the script's
+        source, routed like the first time, so the node that refused runs them and keeps
+        the script for the next EVALSHA: one mechanism for one Redis and for a cluster,
+        whichever node lost its scripts.
+
+        With `wait_replicas`, a pipeline that ingests ends with WAIT on each node written
+        to (see `_node_pipeline`). A failed call raises, unless `partial`: then its
+        exception takes its place in the replies (on a cluster one primary may be away
+        while the others answer), and only when every call failed is the first raised.
         """
         if not calls:
             return []
@@ -908,8 +952,8 @@ class Store:
                 i for i, r in enumerate(replies) if isinstance(r, redis_errors.NoScriptError)
             ]
             if missing:
-                await self.load_scripts()
-                retried = await self._pipeline([calls[i] for i in missing])
+                log.info("Redis lost scripts; running %d call(s) with their source", len(missing))
+                retried = await self._pipeline([calls[i] for i in missing], source=True)
                 for i, reply in zip(missing, retried, strict=True):
                     replies[i] = reply
             failed = [r for r in replies if isinstance(r, Exception)]
@@ -917,89 +961,86 @@ class Store:
                 raise failed[0]
         return replies
 
-    async def _pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """One reply (or exception) per call, in order."""
+    async def _pipeline(self, calls: Sequence[ScriptCall], *, source: bool = False) -> list[Any]:
+        """One reply (or exception) per call, in order; with `source`, as EVAL."""
         if isinstance(self.client, RedisCluster):
-            return await self._cluster_pipeline(self.client, calls)
-        return await self._node_pipeline(calls)
+            return await self._cluster_pipeline(self.client, calls, source)
+        return await self._node_pipeline(calls, source)
 
     async def _cluster_pipeline(
-        self, client: RedisCluster, calls: Sequence[ScriptCall]
+        self, client: RedisCluster, calls: Sequence[ScriptCall], source: bool
     ) -> list[Any]:
         """One pipeline per primary, concurrently: a primary that is away fails only its
         own calls. redis-py's cluster pipeline would group per node too, but raises for
         all calls when one node's connection fails, and a claim made on the other nodes
         would then be lost until its lease ends."""
         await client.initialize()  # the slot map; a no-op once known
-        groups: dict[str, list[int]] = {}
+        groups: dict[str, tuple[ClusterNode | None, list[int]]] = {}
         for i, (_name, keys, _args) in enumerate(calls):
             node = client.get_node_from_key(keys[0])
-            groups.setdefault(node.name if node else "", []).append(i)
+            groups.setdefault(node.name if node else "", (node, []))[1].append(i)
         results = await asyncio.gather(
-            *(self._node_pipeline([calls[i] for i in idx]) for idx in groups.values()),
+            *(
+                self._node_pipeline([calls[i] for i in idx], source, node)
+                for node, idx in groups.values()
+            ),
             return_exceptions=True,
         )
         replies: list[Any] = [None] * len(calls)
-        for idx, result in zip(groups.values(), results, strict=True):
+        for (_node, idx), result in zip(groups.values(), results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result  # cancelled
             for j, i in enumerate(idx):
                 replies[i] = result if isinstance(result, Exception) else result[j]
         return replies
 
-    async def _node_pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
+    async def _node_pipeline(
+        self, calls: Sequence[ScriptCall], source: bool = False, node: ClusterNode | None = None
+    ) -> list[Any]:
+        """The calls of one node (all of them on one Redis) in one pipeline: one
+        connection, so a WAIT at its end waits for exactly these writes."""
         pipe = self.client.pipeline(transaction=False)
         for name, keys, args in calls:
             # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the
             # evalsha method, yet routes a queued EVALSHA by its KEYS (one slot per call),
             # groups the calls per node, and hands back a NOSCRIPT reply per call.
-            pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+            script = self._scripts[name]
+            command = ("EVAL", script.script) if source else ("EVALSHA", script.sha)
+            pipe.execute_command(*command, len(keys), *keys, *args)
+        wait = self.wait_replicas > 0 and any(name == "ingest" for name, _k, _a in calls)
+        if wait:
+            # WAIT counts the replicas that have every write this connection made. On a
+            # cluster, `target_nodes` keeps it on the node (and connection) of the writes.
+            target = {} if node is None else {"target_nodes": node}
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **target)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if wait:
+            confirmed = replies.pop()
+            if isinstance(confirmed, Exception):
+                raise confirmed
+            if int(confirmed) < self.wait_replicas:
+                raise StoreUnavailable(
+                    f"{confirmed} of {self.wait_replicas} replica(s) confirmed the write "
+                    f"within {self.wait_timeout_ms} ms (GATEWAY_REDIS_WAIT_REPLICAS)"
+                )
         return replies
 
     @asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
-        """Turn Redis being away into StoreUnavailable, which callers answer with 503."""
+        """Turn any Redis failure into StoreUnavailable, which callers answer with 503:
+        Redis away, a cluster failing over or resharding, a node that cannot write now.
+        To a client each is a transient outage (its retry is safe), never our bug."""
         try:
             yield
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-        except CLUSTER_UNAVAILABLE as exc:
-            if isinstance(exc, redis_errors.MovedError) and not isinstance(
-                self.client, RedisCluster
-            ):
+        except redis_errors.MovedError as exc:
+            if not isinstance(self.client, RedisCluster):
                 raise StoreUnavailable(
                     f"Redis answered MOVED {exc}: it is a cluster; set GATEWAY_REDIS_CLUSTER=1"
                 ) from exc
-            raise StoreUnavailable(f"Redis Cluster unavailable: {exc!r}") from exc
-        except redis_errors.ResponseError as exc:
-            if _cannot_write_now(exc):
-                raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-            raise
-
-
-# A cluster failing over or resharding: the cluster client follows MOVED and ASK and
-# refreshes its slot map itself, retrying a few times; what still comes out is a
-# transient outage to our clients (503), never a bug (500). ClusterDownError covers
-# MasterDownError; AskError covers MovedError; ClusterError is "no node reachable".
-CLUSTER_UNAVAILABLE = (
-    redis_errors.ClusterDownError,
-    redis_errors.ClusterError,
-    redis_errors.TryAgainError,
-    redis_errors.AskError,
-    redis_errors.SlotNotCoveredError,
-)
-
-
-def _cannot_write_now(exc: redis_errors.ResponseError) -> bool:
-    """Redis is up but cannot take writes (a replica, out of memory, a cluster in
-    reconfiguration): to a client that is the same as Redis being away."""
-    if isinstance(exc, redis_errors.ReadOnlyError):
-        return True
-    message = str(exc)
-    return message.startswith(("LOADING", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN")) or (
-        "OOM command not allowed" in message
-    )
+            raise StoreUnavailable(f"Redis unavailable: {exc} (MovedError)") from exc
+        except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError) as exc:
+            # RedisClusterException: the cluster client found no node to ask.
+            raise StoreUnavailable(f"Redis unavailable: {exc} ({type(exc).__name__})") from exc
 
 
 def connect(url: str, *, cluster: bool = False, timeout: float = 5.0) -> RedisClient:
@@ -1066,6 +1107,12 @@ def _attempts(timeline: list[dict[str, Any]]) -> int:
     if final and "attempts" in final[-1]:
         return int(final[-1]["attempts"])
     return sum(e.get("outcome") in ATTEMPT_OUTCOMES for e in timeline)
+
+
+def _shard_list(shards: Sequence[int]) -> str:
+    """Shards for a log line: 1, 4, 7 (the first twenty, and how many more)."""
+    listed = ", ".join(str(shard) for shard in shards[:20])
+    return listed if len(shards) <= 20 else f"{listed} and {len(shards) - 20} more"
 
 
 def _text(value: Any) -> str:

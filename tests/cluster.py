@@ -2,12 +2,14 @@
 
 The cluster itself is `bench.cluster.LocalCluster` (the bench's scale-out
 phases run on it too); the tests add what they need to break it on purpose:
-waiting for a node that came back, and moving a slot as a resharding would.
+waiting for a node that came back, moving a slot as a resharding would, and
+finding the primaries and waiting for a replica to take over a dead one.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import MovedError
@@ -29,6 +31,49 @@ class LocalCluster(cluster.LocalCluster):
         finally:
             for client in clients:
                 await client.aclose()
+
+    async def slot_counts(self) -> dict[int, int]:
+        """Node index -> how many slots it serves, for every node serving some, as the
+        first live node sees the cluster."""
+        return {i: slots for i, (_role, slots) in (await self._nodes_view()).items() if slots}
+
+    async def wait_promoted(self, dead: int) -> None:
+        """Until the dead node `dead` serves no slots (a replica took them over) and every
+        live node says the cluster is ok."""
+        clients = [aioredis.Redis.from_url(u) for i, u in enumerate(self.urls) if i != dead]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
+        try:
+            while True:
+                view = await self._nodes_view(skip=dead)
+                infos = [await cluster._cluster_info(c) for c in clients]
+                if view.get(dead, ("", 1))[1] == 0 and all(
+                    i.get("cluster_state") == "ok" for i in infos
+                ):
+                    return
+                if loop.time() > deadline:
+                    raise RuntimeError(f"no replica took over node {dead}: {view} {infos}")
+                await asyncio.sleep(0.05)
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    async def _nodes_view(self, skip: int = -1) -> dict[int, tuple[str, int]]:
+        """Node index -> (master | slave, slots served), per CLUSTER NODES of a live node."""
+        ports = [url.rsplit(":", 1)[1] for url in self.urls]
+        url = next(u for i, u in enumerate(self.urls) if i != skip)
+        client = aioredis.Redis.from_url(url)
+        try:
+            # redis-py parses CLUSTER NODES: "host:port" -> flags, slots as [first, last].
+            nodes: dict[str, Any] = await client.execute_command("CLUSTER NODES")
+        finally:
+            await client.aclose()
+        view = {}
+        for address, node in nodes.items():
+            role = "master" if "master" in node["flags"].split(",") else "slave"
+            slots = sum(int(last) - int(first) + 1 for first, last in node["slots"])
+            view[ports.index(address.rsplit(":", 1)[1])] = (role, slots)
+        return view
 
     async def move_slot(self, slot: int, key: str, to: int) -> None:
         """Give an empty `slot` (the one of `key`) to node `to`, as a resharding would, and

@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
 
@@ -170,6 +171,19 @@ async def poll_until(
         if loop.time() >= deadline:
             raise AssertionError(f"waited {seconds}s for {what}")
         await asyncio.sleep(POLL_SECONDS)
+
+
+async def scraped(http: aiohttp.ClientSession, base: str, name: str) -> float:
+    """The sum of a metric's samples over all labels, from a gateway's /metrics."""
+    async with http.get(f"{base}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
 
 
 def embedded_redis_pid(data_dir: Path) -> int | None:

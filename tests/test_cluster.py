@@ -245,9 +245,52 @@ async def test_single_node_client_on_a_cluster_says_to_set_the_flag(cluster_url:
         await client.aclose()
 
 
+async def test_one_primary_without_its_scripts_runs_them_from_source(
+    redis_cluster: LocalCluster, redis_client: RedisCluster
+) -> None:
+    """A primary restarted or just promoted has an empty script cache (Redis 7 does not copy
+    SCRIPT LOAD to replicas): its calls run as EVAL, the others' as EVALSHA, in one go."""
+    store = Store(redis_client, shards=SHARDS, merge_window=0.0)
+    await store.load_scripts()
+    emptied = connect(redis_cluster.urls[1])
+    try:
+        await emptied.script_flush()
+        now = time.time()
+        events = [event(f"lost-{i}") for i in range(60)]  # over every primary
+        assert {r.status for r in await store.ingest(events, now)} == {"new"}
+        await emptied.script_flush()
+        claims = await store.claim(now + 1, 1000, 30.0)
+        assert len(claims) == 60
+        await emptied.script_flush()
+        assert await store.ack(claims, now + 1) == 60
+        # The node keeps the script EVAL ran: the next call is an EVALSHA again.
+        assert await emptied.script_exists(store._scripts["ack"].sha) == [True]
+    finally:
+        await emptied.aclose()
+
+
+async def test_wait_replicas_without_replicas_is_unavailable(redis_client: RedisCluster) -> None:
+    """WAIT goes to each primary written to; none has a replica here, so none confirms."""
+    store = Store(redis_client, shards=SHARDS, wait_replicas=1, wait_timeout=0.05)
+    with pytest.raises(StoreUnavailable, match="0 of 1 replica"):
+        await store.ingest([event(f"wait-{i}") for i in range(20)], time.time())
+    # Reads and the other scripts do not wait.
+    assert await store.claim(time.time(), 10, 30.0) is not None
+
+
 @pytest.mark.parametrize(
     "error",
     [
+        redis_errors.NoScriptError("No matching script. Please use EVAL."),
+        redis_errors.ReadOnlyError("You can't write against a read only replica."),
+        redis_errors.ConnectionError("Connection closed by server."),
+        redis_errors.TimeoutError("Timeout reading from socket"),
+        redis_errors.BusyLoadingError("Redis is loading the dataset in memory"),
+        redis_errors.ResponseError("ERR Error running script"),
+        redis_errors.RedisClusterException("Redis Cluster cannot be connected"),
+        redis_errors.MaxConnectionsError("Too many connections"),
+        TimeoutError(),
+        ConnectionResetError(104, "Connection reset by peer"),
         redis_errors.ClusterDownError("The cluster is down"),
         redis_errors.MasterDownError("Link with MASTER is down"),
         redis_errors.TryAgainError("Multiple keys request during rehashing of slot"),
@@ -258,7 +301,7 @@ async def test_single_node_client_on_a_cluster_says_to_set_the_flag(cluster_url:
     ],
     ids=lambda e: type(e).__name__,
 )
-async def test_cluster_errors_are_unavailable_not_crashes(
+async def test_redis_errors_are_unavailable_not_crashes(
     redis_client: RedisCluster, error: Exception
 ) -> None:
     store = Store(redis_client, shards=4)

@@ -23,7 +23,6 @@ import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import PIXEL, TOKEN, free_port
 from tests.helpers import browser_event, post_browser, post_server, server_event, sha256
@@ -35,6 +34,7 @@ from tests.processes import (
     alive,
     embedded_redis_pid,
     environment,
+    scraped,
     wait_gone,
     wait_ready,
 )
@@ -80,25 +80,12 @@ def _entries(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-async def _metric(http: aiohttp.ClientSession, base: str, name: str) -> float:
-    """The sum of a metric's samples over all labels, from /metrics."""
-    async with http.get(f"{base}/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    )
-
-
 async def _wait_metric(
     http: aiohttp.ClientSession, base: str, name: str, value: float, seconds: float = 10.0
 ) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    while (seen := await _metric(http, base, name)) != value:
+    while (seen := await scraped(http, base, name)) != value:
         if loop.time() >= deadline:
             raise AssertionError(f"{name} is {seen}, expected {value}")
         await asyncio.sleep(POLL_SECONDS)
@@ -153,7 +140,7 @@ async def test_serve_embedded_sandbox_survives_a_restart(
         assert event["properties"]["value"] == 59.98
         assert b"jane.doe" not in sandbox.read_bytes()
         assert TOKEN.encode() not in sandbox.read_bytes()
-        assert await _metric(http, gateway.url, "gateway_events_merged_total") == 1
+        assert await scraped(http, gateway.url, "gateway_events_merged_total") == 1
         # Counted once TikTok's (here: the file's) answer is recorded in Redis.
         await _wait_metric(http, gateway.url, "gateway_events_forwarded_total", 1)
 
@@ -177,7 +164,7 @@ async def test_serve_embedded_sandbox_survives_a_restart(
     async with aiohttp.ClientSession() as http:
         answer = await post_server(http, again.url, [server_event("proc-1")])
         assert answer["code"] == 0, answer
-        assert await _metric(http, again.url, "gateway_events_duplicates_dropped_total") == 1
+        assert await scraped(http, again.url, "gateway_events_duplicates_dropped_total") == 1
         # A later event is forwarded alone: the duplicate never joined the queue.
         await post_server(http, again.url, [server_event("proc-2")])
         records = await _wait_sandbox_lines(sandbox, 2)

@@ -473,7 +473,10 @@ async def test_scripts_reload_after_a_restart_emptied_the_script_cache(
         [event] = await tiktok.wait_for_events(1)
         assert event["event_id"] == "script-0"
         assert event["user"]["ttp"] == TTP
-        assert await client.script_exists(*shas) == [True] * len(shas)
+        # The scripts that ran as EVAL are cached again: the next calls are EVALSHA.
+        scripts = gateway.store._scripts
+        ran = [scripts["claim"].sha, scripts["ack"].sha]
+        assert await client.script_exists(*ran) == [True, True]
         state = await gateway.store.inspect(PIXEL, "script-0", "Purchase")
         assert state is not None and state["state"] == "sent"
         assert await gateway.store.counts() == (1, 0)  # script-1 still open, unharmed
@@ -544,3 +547,28 @@ def test_redis_timeout_is_configurable_and_checked() -> None:
     for bad in ("0", "-1", "soon"):
         with pytest.raises(ConfigError, match="GATEWAY_REDIS_TIMEOUT"):
             Settings.from_env({"GATEWAY_REDIS_TIMEOUT": bad})
+
+
+# -- waiting for replicas ----------------------------------------------------------------------
+
+
+async def test_wait_replicas_unconfirmed_answers_503_and_the_retry_is_forwarded_once(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    """GATEWAY_REDIS_WAIT_REPLICAS=1 on a Redis without replicas: WAIT times out, the
+    copy is stored but not acknowledged (503, 50002); the client's retry is merged."""
+    waiting = await make_gateway(
+        redis_wait_replicas=1, redis_wait_timeout=0.05, merge_window=0.2, forward=False
+    )
+    body = {"event_source": "web", "event_source_id": PIXEL, "data": [server_event("w-1")]}
+    async with http.post(
+        f"{waiting.url}/open_api/v1.3/event/track/", json=body, headers={"Access-Token": TOKEN}
+    ) as resp:
+        assert resp.status == 503
+        assert (await resp.json())["code"] == 50002
+    plain = await make_gateway(merge_window=0.2)
+    assert (await post_server(http, plain.url, [server_event("w-1")]))["code"] == 0
+    [event] = await tiktok.wait_for_events(1)
+    assert event["event_id"] == "w-1"
+    await wait_drained(plain)
+    assert len(tiktok.events()) == 1

@@ -133,3 +133,16 @@ def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:
     path.write_text("merge_window = [")
     with pytest.raises(ConfigError, match="GATEWAY_CONFIG"):
         Settings.from_env({}, path)
+
+
+def test_wait_replicas_and_their_timeout() -> None:
+    default = Settings.from_env({})
+    assert (default.redis_wait_replicas, default.redis_wait_timeout) == (0, 1.0)
+    s = Settings.from_env({"GATEWAY_REDIS_WAIT_REPLICAS": "2", "GATEWAY_REDIS_WAIT_TIMEOUT": "0.2"})
+    assert (s.redis_wait_replicas, s.redis_wait_timeout) == (2, 0.2)
+    for bad in ("-1", "one", "1.5"):
+        with pytest.raises(ConfigError, match=r"^GATEWAY_REDIS_WAIT_REPLICAS"):
+            Settings.from_env({"GATEWAY_REDIS_WAIT_REPLICAS": bad})
+    # WAIT must give up before the connection does.
+    with pytest.raises(ConfigError, match=r"^GATEWAY_REDIS_WAIT_TIMEOUT"):
+        Settings.from_env({"GATEWAY_REDIS_WAIT_REPLICAS": "1", "GATEWAY_REDIS_WAIT_TIMEOUT": "5"})
