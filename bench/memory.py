@@ -5,13 +5,16 @@
 2. `--keys` keys (default 1,000,000) go through the gateway's own store, as
    the gateway drives it: `Store.ingest` of their copies (80% a pixel and a
    server copy, 10% only one or the other, ~1 KB each, with the handlers'
-   timeline entries), then, past the merge window, `Store.claim` and
+   history entries), then, past the merge window, `Store.claim` and
    `Store.ack` with the forwarder's entry: what is left is what the store
    remembers for the dedup window. The store's clock is the argument its API
    takes; chunks of keys overlap (one is ingested while the last is
    forwarded), so pending copies never pile up. Two client processes share
    the work (`WORKERS`): the store's Python side costs as much CPU as Redis.
-3. `used_memory` before and after, divided by the keys: bytes per remembered key.
+3. `used_memory` before and after, divided by the keys: bytes per remembered key,
+   in the default configuration, so with the /debug history: a fixed budget
+   (GATEWAY_DEBUG_HISTORY entries), whose share per key shrinks as keys grow.
+   Its own size (what deleting the history streams frees) is reported apart too.
 4. No false drops: fresh keys must be taken as new, remembered ones dropped
    as duplicates.
 5. FLUSHALL, then the naive layout on the same server: one
@@ -60,13 +63,13 @@ NAIVE_TTL_MS = 172_800_000
 SETTLE_SECONDS = 10.0  # longest wait for used_memory to stop moving
 MERGE_WINDOW = 2.0  # the rig's; the remembered state does not depend on it
 
-# The handlers' and the forwarder's own timeline entries, while the gateway has them.
+# The handlers' and the forwarder's own history entries, while the gateway has them.
 ingest_entry: Callable[[Event, float], bytes] | None
 forward_entry: Callable[..., bytes] | None
 try:
     from gateway.forwarder import _timeline as forward_entry
     from gateway.ingest import _timeline as ingest_entry
-except ImportError:  # pragma: no cover - the gateway may drop timelines
+except ImportError:  # pragma: no cover - the gateway may drop its history
     forward_entry = ingest_entry = None
 
 
@@ -140,7 +143,7 @@ async def settled_memory(client: aioredis.Redis) -> int:
 
 async def ingest(store: Store, events: list[Event], now: float) -> list[str]:
     """Ingest in batches, PARALLEL at a time, so the client encodes while Redis runs."""
-    # Every copy of a source has the same fields, so the same timeline entry at one `now`.
+    # Every copy of a source has the same fields, so the same history entry at one `now`.
     entries = {e.source: ingest_entry(e, now) for e in events} if ingest_entry else {}
     limit = asyncio.Semaphore(PARALLEL)
 
@@ -164,13 +167,9 @@ async def forward(store: Store, now: float) -> int:
 
 
 def make_store(client: aioredis.Redis) -> Store:
-    """A store configured as the gateway configures it, but for the rig's merge window.
-
-    Timelines are off: a forwarded key's timeline is kept only for
-    GATEWAY_TIMELINE_RETENTION (an hour), and what stays for the rest of the 48 hours
-    is the fingerprint, which is what this measures.
-    """
-    settings = dataclasses.replace(Settings(), merge_window=MERGE_WINDOW, timeline_retention=0)
+    """A store configured as the gateway configures it by default, but for the rig's
+    merge window; the /debug history is on, at its default budget."""
+    settings = dataclasses.replace(Settings(), merge_window=MERGE_WINDOW)
     return gateway_store(client, settings)
 
 
@@ -296,6 +295,11 @@ async def measure(count: int, binary: str | None = None, seed: int = 7) -> dict[
             store_redis_cpu = await redis_cpu(client) - redis_cpu0
             after = await settled_memory(client)
             dbsize = await client.dbsize()
+            # The history's own size: what deleting it frees.
+            streams = [store.history_key(shard) for shard in range(store.shards)]
+            history_entries = sum([await client.xlen(key) for key in streams])
+            await client.delete(*streams)
+            without_history = await settled_memory(client)
             # No false drops: new keys are new, remembered keys are duplicates.
             now = base + (count // CHUNK + 1) * 0.01
             fresh = await ingest(store, keys.copies(range(count, count + probes))[:probes], now)
@@ -321,7 +325,9 @@ async def measure(count: int, binary: str | None = None, seed: int = 7) -> dict[
         "store_bytes_per_key": round((after - before) / count, 1),
         "store_redis_keys_per_key": round(dbsize / count, 3),
         "naive_bytes_per_key": round((naive_after - naive_before) / count, 1),
-        "timeline": False,
+        "history_entries": history_entries,
+        "history_bytes": after - without_history,
+        "store_bytes_per_key_beyond_history": round((without_history - before) / count, 1),
         "probes": probes,
         "false_drops": false_drops,
         "missed_duplicates": missed_duplicates,

@@ -186,8 +186,10 @@ def why_memory(r: dict[str, Any]) -> str:
     if keys:
         text = (f"The store leaves {keys:.2f} Redis keys per remembered event (a key of its own "
                 "costs about the naive layout's bytes before any data)")
-        if m.get("timeline"):
-            text += "; its /debug timeline is kept after the forward"
+        if m.get("history_bytes"):
+            text += (f"; the /debug history, a fixed {m['history_bytes'] / 1e6:.0f} MB whatever "
+                     f"the traffic, is {m['history_bytes'] / m['keys']:.0f} bytes of each at "
+                     f"{m['keys']:,} keys")
         text += ". "
     return text + "Packing many remembered keys into one Redis value is what gets below 32 bytes."
 

@@ -796,7 +796,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
     out["redis"] = {w: {"ingest": acc[w]["ingest"], "forward": acc[w]["forward"]}
                     for w in ("pixel", "server")}
     out["memory"] = {k: results["memory"].get(k) for k in (
-        "keys", "store_bytes_per_key", "naive_bytes_per_key", "false_drops",
+        "keys", "store_bytes_per_key", "naive_bytes_per_key", "false_drops", "history_bytes",
         "missed_duplicates", "redis_version", "mem_allocator")}
     if "scale_out" in results:
         out["scale_out"] = scale_out_figures(results)

@@ -7,19 +7,20 @@ loopback port, then does to it what the gateway does to its Redis:
    external id, order value, three `contents`) and N browser copies (page URL
    with ttclid, `_ttp` cookie, IP, user agent) with the gateway's own parsers,
    so PII is hashed as in production; each copy is about 1 KB of JSON;
-2. ingests them through `gateway.store.Store` with timeline entries, as the
+2. ingests them through `gateway.store.Store` with history entries, as the
    HTTP handlers do: each pair completes its key;
 3. claims and acknowledges every key, as a successful forward does.
 
 `used_memory` (INFO memory) is read before, after step 2 (everything
-pending) and after step 3 (only the dedup memory left: each key's hash and
-timeline, with their expiry). The differences divided by N are the figures
+pending) and after step 3 (only the dedup memory left: the keys' fingerprints,
+and the /debug history, whose size is fixed and reported apart: what deleting
+the history streams frees). The differences divided by N are the figures
 for sizing Redis in docs/deploying.md:
 
     .venv/bin/python deploy/measure_redis_memory.py --events 20000
     .venv/bin/python deploy/measure_redis_memory.py --redis-server /usr/bin/redis-server
 
-`--no-timeline` measures a store that keeps no /debug timeline.
+`--history N` sets the history's entries (GATEWAY_DEBUG_HISTORY; 0: none).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from gateway.events import Event
 from gateway.formats import BrowserContext, ParseOptions, parse_browser, parse_event_track
 from gateway.forwarder import _timeline as forward_timeline  # the forwarder's own entry
 from gateway.ingest import _timeline as ingest_timeline  # the handlers' own entry
-from gateway.store import Store
+from gateway.store import DEBUG_HISTORY, Store
 
 PIXEL = "CABCDEFGHIJ0123456789"  # TikTok pixel codes are 20-odd characters
 BATCH = 500  # events per ingest call and per claim, like a busy gateway's batches
@@ -57,10 +58,11 @@ class Report:
     redis_version: str
     copy_bytes: int  # JSON size of one server copy plus one browser copy, as stored
     pending_bytes_per_event: float  # both copies stored, waiting to be forwarded
-    remembered_bytes_per_event: float  # after the forward, until the dedup window ends
+    # After the forward, until the dedup window ends; not counting the history streams.
+    remembered_bytes_per_event: float
     keys_per_remembered_event: float
-    sample_key_bytes: int  # MEMORY USAGE of one remembered event's hash
-    sample_timeline_bytes: int  # ... and of its timeline list
+    history_entries: int  # in the /debug history streams, over all shards
+    history_bytes: int  # what deleting the history streams frees: a fixed budget once full
 
 
 def server_body(i: int, event_id: str) -> dict[str, Any]:
@@ -127,7 +129,7 @@ async def used_memory(client: aioredis.Redis) -> int:
     return int(info["used_memory"])
 
 
-async def measure(n: int, *, binary: str | None = None, timeline: bool = True) -> Report:
+async def measure(n: int, *, binary: str | None = None, history: int = DEBUG_HISTORY) -> Report:
     """Start a private Redis, run N pairs through ingest, claim and ack, and read its memory."""
     servers, browsers = make_events(n)
     copy_bytes = len(json.dumps(servers[0].body)) + len(json.dumps(browsers[0].body))
@@ -137,7 +139,7 @@ async def measure(n: int, *, binary: str | None = None, timeline: bool = True) -
         client = aioredis.Redis.from_url(redis_server.url)
         try:
             # Production defaults: 16 shards, 300 s merge window, 48 h dedup window.
-            store = Store(client, timeline=timeline)
+            store = Store(client, history=history)
             await store.load_scripts()
             version = str((await client.info("server"))["redis_version"])
             before = await used_memory(client)
@@ -154,9 +156,11 @@ async def measure(n: int, *, binary: str | None = None, timeline: bool = True) -
                 forwarded += await store.ack(claims, time.time(), uuid.uuid4().hex, entry)
             if forwarded != n:
                 raise RuntimeError(f"forwarded {forwarded} of {n} events")
+            with_history = await used_memory(client)
+            streams = [store.history_key(shard) for shard in range(store.shards)]
+            entries = sum([await client.xlen(key) for key in streams])
+            await client.delete(*streams)
             remembered = await used_memory(client)
-            hash_key, _copies, _due, timeline_key = store.keys_of(store.member(servers[0]))
-            timeline_bytes = await client.memory_usage(timeline_key) if timeline else 0
             return Report(
                 events=n,
                 redis_version=version,
@@ -164,8 +168,8 @@ async def measure(n: int, *, binary: str | None = None, timeline: bool = True) -
                 pending_bytes_per_event=round((pending - before) / n, 1),
                 remembered_bytes_per_event=round((remembered - before) / n, 1),
                 keys_per_remembered_event=await client.dbsize() / n,
-                sample_key_bytes=int(await client.memory_usage(hash_key) or 0),
-                sample_timeline_bytes=int(timeline_bytes or 0),
+                history_entries=entries,
+                history_bytes=with_history - remembered,
             )
         finally:
             await client.aclose()
@@ -176,11 +180,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=20_000, help="events to run through")
     parser.add_argument("--redis-server", help="redis-server binary (default: the embedded one)")
-    parser.add_argument("--no-timeline", action="store_true", help="keep no /debug timeline")
+    parser.add_argument("--history", type=int, default=DEBUG_HISTORY,
+                        help="/debug history entries kept (GATEWAY_DEBUG_HISTORY; 0: none)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
     report = asyncio.run(
-        measure(args.events, binary=args.redis_server, timeline=not args.no_timeline)
+        measure(args.events, binary=args.redis_server, history=args.history)
     )
     if args.json:
         print(json.dumps(asdict(report)))
@@ -191,9 +196,11 @@ def main() -> None:
           f"{report.pending_bytes_per_event:,.0f} bytes per event")
     print(f"remembered (after the forward, for the dedup window): "
           f"{report.remembered_bytes_per_event:,.0f} bytes per event, "
-          f"{report.keys_per_remembered_event:g} keys each "
-          f"(MEMORY USAGE of one: hash {report.sample_key_bytes}, "
-          f"timeline {report.sample_timeline_bytes})")
+          f"{report.keys_per_remembered_event:g} keys each")
+    if report.history_entries:
+        print(f"/debug history (a fixed budget, not per event): {report.history_entries:,} "
+              f"entries, {report.history_bytes:,} bytes, "
+              f"{report.history_bytes / report.history_entries:,.0f} bytes an entry")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ def serve(settings: Settings, worker_count: int = 1, config: Path | None = None)
     log.info("tiktok-gateway %s starting", __version__)
     log.info("Redis: %s", _redact(redis))
     log.info("%s", mode)
+    for retired in settings.retired:
+        log.warning("%s", retired)
     if not settings.sandbox and not settings.allowed_origins:
         log.warning("GATEWAY_ALLOWED_ORIGINS is empty: browsers cannot post to /pixel/events")
     if settings.demo_enabled:

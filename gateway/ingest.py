@@ -401,8 +401,8 @@ async def _store_and_answer(
         if first is None:
             raise InvalidRequest("", "no events in the request")
         raise InvalidEvent(first.field, first.message)
-    timeline = [_timeline(e, now) for e in parsed.events] if ctx.store.timeline else None
-    results = await ctx.store.ingest(parsed.events, now, timeline)
+    history = [_timeline(e, now) for e in parsed.events] if ctx.store.keeps_history else None
+    results = await ctx.store.ingest(parsed.events, now, history)
     _count_results(ctx, parsed.events, results)
     if not parsed.refused:
         return envelope(request)

@@ -27,6 +27,12 @@ LOG_FORMATS = ("auto", "json", "text")
 # What an events client calls on TikTok besides the ingest paths: pixel and offline event
 # set management and statistics (the official SDK's MeasurementApi). README says why.
 PASSTHROUGH_PATHS = ("/open_api/v1.2/pixel/", "/open_api/v1.3/pixel/", "/open_api/v1.3/offline/")
+# Variables earlier versions read, and what took their place: set, they are named in a
+# warning at start-up rather than silently ignored.
+RETIRED = {
+    "GATEWAY_TIMELINE_RETENTION": "/debug timelines are no longer kept per key for a time; "
+    "they come from a history of fixed size, GATEWAY_DEBUG_HISTORY (entries, default 100000)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +94,12 @@ class Settings:
     retry_cap: float = 300.0
     shards: int = 16
     dedup_buckets: int = 1024
-    timeline_retention: float = 3600.0
+    # /debug history entries kept over all shards: a fixed memory budget; 0: none.
+    debug_history: int = 100_000
     log_level: str = "INFO"
     log_format: str = "auto"
+    # Set variables that no longer do anything, each with what replaced it (see RETIRED).
+    retired: tuple[str, ...] = ()
 
     @property
     def sandbox(self) -> bool:
@@ -190,9 +199,13 @@ def _parse(env: Mapping[str, str]) -> Settings:
         retry_cap=get("RETRY_CAP", _seconds, d.retry_cap),
         shards=get("SHARDS", _positive_int, d.shards),
         dedup_buckets=get("DEDUP_BUCKETS", _positive_int, d.dedup_buckets),
-        timeline_retention=get("TIMELINE_RETENTION", _non_negative, d.timeline_retention),
+        debug_history=get("DEBUG_HISTORY", _whole_number, d.debug_history),
         log_level=get("LOG_LEVEL", _choice(LOG_LEVELS), d.log_level),
         log_format=get("LOG_FORMAT", _choice(LOG_FORMATS), d.log_format),
+        retired=tuple(
+            f"{name} is no longer used: {why}" for name, why in RETIRED.items()
+            if env.get(name, "").strip()
+        ),
     )
     if settings.dedup_window < settings.merge_window:
         raise ConfigError("GATEWAY_DEDUP_WINDOW", "must not be shorter than GATEWAY_MERGE_WINDOW")
@@ -282,7 +295,6 @@ def _number(expected: str, zero: str | None = None) -> Callable[[str, str], floa
 
 
 _seconds = _number("a number of seconds")
-_non_negative = _number("a number of seconds", zero="")
 _per_second = _number("a number a second")
 _rate = _number("a number a second (0: no limit)", zero="no limit")
 

@@ -22,8 +22,15 @@ Keys of shard N (the only place key shapes are written):
                                 remembered key costs about 20 bytes instead of a key of its
                                 own (~190 bytes). Entries past their second are removed by
                                 SWEEP; a lookup ignores them meanwhile.
-    tkgw:{N}:t:<member>   LIST  the key's timeline for /debug; kept while pending, then
-                                for the timeline retention (at most the dedup window).
+    tkgw:{N}:h            STREAM the shard's debug history, what /debug and `inspect` show:
+                                one entry per copy, retry, forward, dead letter, replay or
+                                dropped duplicate, fields m (member) and e (the entry, JSON:
+                                outcome, time, field names, never values). Capped (XADD
+                                MAXLEN ~) at the history's share of this shard, so its
+                                memory is a fixed budget whatever the traffic.
+    tkgw:{N}:t:<member>   LIST  a key's timeline as versions before the history wrote it;
+                                none is written now. Deleted when its key leaves, and each
+                                expires by its own TTL once its key was forwarded.
     tkgw:{N}:dead         STREAM dead letters: the merged event, TikTok's code and message.
 
 States of a pending key: open (merging) -> claimed (being sent) -> gone and
@@ -92,17 +99,25 @@ BATCH_CALL_MAX = 250  # items in one batched script call: Redis runs nothing els
 # One shard a call, so that draining a backlog leaves Redis free for ingest between shards.
 CALL_MAX_ITEMS = {"claim": 1}
 LAYOUT_KEY = "tkgw:layout"
-TIMELINE_MAX = 100  # entries kept per key; a flood of duplicates must not grow it without bound
+DEBUG_HISTORY = 100_000  # history entries kept over all shards, by default
+# Entries kept a shard at least: Redis trims a capped stream by whole nodes of 100 entries
+# (stream-node-max-entries), so a smaller cap would not hold.
+HISTORY_MIN_PER_SHARD = 100
+HISTORY_READ_CHUNK = 1000  # entries a history scan reads a round trip
 
 
-# Lua shared by every script that writes a timeline: append one line, and trim only
-# once the cap is passed (most timelines stay far below it). RPUSHX appends only to a
-# timeline that exists, so one already expired does not come back without a TTL.
-TIMELINE_APPEND = """
-local function timeline_append(tl, line, push)
-  if redis.call(push or 'RPUSH', tl, line) > $TIMELINE_MAX then
-    redis.call('LTRIM', tl, 0, $TIMELINE_MAX - 1)
-  end
+# Lua shared by every script that writes the debug history. history_entry puts one more
+# field first into an entry given as a JSON object; history_add appends it to the shard's
+# capped stream: `MAXLEN ~` trims whole nodes of entries, one cheap step now and then.
+HISTORY_ADD = """
+local function history_entry(entry, head)
+  local rest = string.sub(entry, 2)
+  if not string.find(rest, '^%s*}') then rest = ',' .. rest end  -- no comma before '}' of {}
+  return '{' .. head .. rest
+end
+
+local function history_add(p, member, line, cap)
+  redis.call('XADD', p .. 'h', 'MAXLEN', '~', cap, '*', 'm', member, 'e', line)
 end
 """
 
@@ -110,7 +125,6 @@ end
 def _lua(source: str) -> str:
     """Write the Python constants a script uses into its source."""
     for name, value in (
-        ("$TIMELINE_MAX", TIMELINE_MAX),
         ("$BOTH_SOURCES", BOTH_SOURCES),
         ("$INGEST_ITEM", INGEST_ITEM),
         ("$RATE_LIMIT_ITEM", RATE_LIMIT_ITEM),
@@ -123,34 +137,31 @@ def _lua(source: str) -> str:
 
 # A batched script (see Store._shared): KEYS[1] only routes the call to the node serving
 # the slot that every item's keys share (on one Redis, items of all shards share a call).
-# ARGV[1] merge window ms, ARGV[2] early flush 1|0, ARGV[3] dedup window ms, then per copy
-# INGEST_ITEM arguments: shard key prefix, member, now ms, source bit, copy (JSON),
-# timeline entry (JSON object) or "", no dedup 1|0 (events without event_id: due at once,
-# forgotten after the forward), fingerprint, remembered-keys bucket.
+# ARGV[1] merge window ms, ARGV[2] early flush 1|0, ARGV[3] dedup window ms, ARGV[4] history
+# entries per shard, then per copy INGEST_ITEM arguments: shard key prefix, member, now ms,
+# source bit, copy (JSON), history entry (JSON object) or "", no dedup 1|0 (events without
+# event_id: due at once, forgotten after the forward), fingerprint, remembered-keys bucket.
 # Returns {status, first copy ms} per copy, in order; status is new | merged | complete |
 # duplicate. Copies of one key in one call are taken in order, as if sent one by one.
 # Retried after a timeout, a copy may be stored twice; merging it again changes nothing.
 INGEST_ITEM = 9
-INGEST = TIMELINE_APPEND + """
+INGEST = HISTORY_ADD + """
 local merge_ms, early, dedup_ms = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
 
-local function log(tl, entry, outcome, push)
+local function log(p, member, entry, outcome)
   if entry ~= '' then
-    local rest = string.sub(entry, 2)
-    if not string.find(rest, '^%s*}') then rest = ',' .. rest end  -- no comma before '}' of {}
-    timeline_append(tl, '{"outcome":"' .. outcome .. '"' .. rest, push)
+    history_add(p, member, history_entry(entry, '"outcome":"' .. outcome .. '"'), ARGV[4])
   end
 end
 
 local function ingest(p, member, now, source, copy, entry, nodedup, fp, bucket)
-  local hk, ck, tl = p .. 'k:' .. member, p .. 'c:' .. member, p .. 't:' .. member
+  local hk, ck = p .. 'k:' .. member, p .. 'c:' .. member
   local state = redis.call('HMGET', hk, 'st', 'src', 't0', 'n')
   if not state[1] then
     -- Events without event_id have a key of their own: nothing to look up.
     local until_s = nodedup ~= '1' and tonumber(redis.call('HGET', p .. 'r:' .. bucket, fp))
     if until_s and math.abs(until_s) * 1000 > now then
-      -- RPUSHX: a timeline already expired must not come back without a TTL.
-      log(tl, entry, 'duplicate', 'RPUSHX')
+      log(p, member, entry, 'duplicate')
       return {'duplicate', tostring(math.abs(until_s) * 1000 - dedup_ms)}
     end
     local due = now
@@ -159,12 +170,12 @@ local function ingest(p, member, now, source, copy, entry, nodedup, fp, bucket)
                'n', 1, 'att', 0, 'nd', nodedup, 'dup', 0)
     redis.call('RPUSH', ck, copy)
     redis.call('ZADD', p .. 'due', due, member)
-    log(tl, entry, 'new', 'RPUSH')
+    log(p, member, entry, 'new')
     return {'new', tostring(now)}
   end
   if state[1] ~= 'open' then
     redis.call('HINCRBY', hk, 'dup', 1)
-    log(tl, entry, 'duplicate', 'RPUSH')
+    log(p, member, entry, 'duplicate')
     return {'duplicate', state[3]}
   end
   local src = bit.bor(tonumber(state[2]), source)
@@ -173,16 +184,16 @@ local function ingest(p, member, now, source, copy, entry, nodedup, fp, bucket)
   if src == $BOTH_SOURCES and early then
     redis.call('HSET', hk, 'src', src, 'n', copies, 'due', now)
     redis.call('ZADD', p .. 'due', 'LT', now, member)
-    log(tl, entry, 'complete', 'RPUSH')
+    log(p, member, entry, 'complete')
     return {'complete', state[3]}
   end
   redis.call('HSET', hk, 'src', src, 'n', copies)
-  log(tl, entry, 'merged', 'RPUSH')
+  log(p, member, entry, 'merged')
   return {'merged', state[3]}
 end
 
 local out = {}
-for i = 4, #ARGV, $INGEST_ITEM do
+for i = 5, #ARGV, $INGEST_ITEM do
   out[#out + 1] = ingest(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
                          ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8])
 end
@@ -232,37 +243,28 @@ return out
 """
 
 # Lua shared by ACK and DEAD_LETTER: forget a pending key's state and remember its
-# fingerprint until first copy + dedup window; keep its timeline for the retention.
+# fingerprint until first copy + dedup window, and add the entry to the history (with the
+# attempts, known only here, before the key's state goes). A key without dedup, or past
+# its window, is forgotten: no one can look it up, so it gets no entry.
 # remember(prefix, member, t0 ms, nodedup, attempts, fingerprint, bucket, sign, now ms,
-#          dedup ms, timeline retention ms, timeline entry)
-REMEMBER = TIMELINE_APPEND + """
-local function remember(prefix, member, t0, nd, attempts, fp, bucket, sign, now, dedup, keep,
+#          dedup ms, history entries per shard, history entry)
+REMEMBER = HISTORY_ADD + """
+local function remember(prefix, member, t0, nd, attempts, fp, bucket, sign, now, dedup, cap,
                         entry)
-  local tl = prefix .. 't:' .. member
-  redis.call('DEL', prefix .. 'k:' .. member, prefix .. 'c:' .. member)
+  -- t: the timeline list an earlier version kept, gone with its key.
+  redis.call('DEL', prefix .. 'k:' .. member, prefix .. 'c:' .. member, prefix .. 't:' .. member)
   local expire_at = t0 + dedup
-  if nd == '1' or expire_at <= now then
-    redis.call('DEL', tl)
-    return
-  end
+  if nd == '1' or expire_at <= now then return end
   redis.call('HSET', prefix .. 'r:' .. bucket, fp, sign * math.ceil(expire_at / 1000))
-  if keep <= 0 then
-    redis.call('DEL', tl)
-    return
-  end
   if entry ~= '' then
-    -- The attempts are known only here, before the key's state goes.
-    local rest = string.sub(entry, 2)
-    if not string.find(rest, '^%s*}') then rest = ',' .. rest end
-    timeline_append(tl, '{"attempts":' .. (attempts or '0') .. rest)
+    history_add(prefix, member, history_entry(entry, '"attempts":' .. (attempts or '0')), cap)
   end
-  redis.call('PEXPIREAT', tl, math.min(expire_at, now + keep))
 end
 """
 
 # A batched script (see Store._run_batched); KEYS[1] routes the call, as for INGEST.
-# ARGV[1] now ms, ARGV[2] dedup window ms, ARGV[3] claim token, ARGV[4] timeline entry or "",
-# ARGV[5] timeline retention ms, then per member ACK_ITEM arguments: shard key prefix,
+# ARGV[1] now ms, ARGV[2] dedup window ms, ARGV[3] claim token, ARGV[4] history entry or "",
+# ARGV[5] history entries per shard, then per member ACK_ITEM arguments: shard key prefix,
 # member, fingerprint, bucket.
 # Forwarded: each member still claimed by this token is forgotten and remembered; returns
 # 1 per member that was, 0 per member left alone. Safe to repeat: a member no longer
@@ -277,7 +279,7 @@ for i = 6, #ARGV, $ACK_ITEM do
   if f[1] == 'claimed' and f[2] == ARGV[3] then
     redis.call('ZREM', p .. 'due', member)
     remember(p, member, tonumber(f[3]), f[4], f[5], ARGV[i + 2], ARGV[i + 3], 1, now,
-             tonumber(ARGV[2]), tonumber(ARGV[5]), ARGV[4])
+             tonumber(ARGV[2]), ARGV[5], ARGV[4])
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -287,14 +289,14 @@ return out
 """
 
 # A batched script (see Store._run_batched); KEYS[1] routes the call, as for INGEST.
-# ARGV[1] claim token, ARGV[2] next attempt ms, ARGV[3] timeline entry or "", then per
-# member RELEASE_ITEM arguments: shard key prefix, member.
+# ARGV[1] claim token, ARGV[2] next attempt ms, ARGV[3] history entry or "", ARGV[4] history
+# entries per shard, then per member RELEASE_ITEM arguments: shard key prefix, member.
 # Puts members still claimed by this token back in the queue for a later attempt; returns
 # 1 per member put back, 0 per member left alone.
 RELEASE_ITEM = 2
-RELEASE = TIMELINE_APPEND + """
+RELEASE = HISTORY_ADD + """
 local out = {}
-for i = 4, #ARGV, $RELEASE_ITEM do
+for i = 5, #ARGV, $RELEASE_ITEM do
   local p, member = ARGV[i], ARGV[i + 1]
   local hk = p .. 'k:' .. member
   local f = redis.call('HMGET', hk, 'st', 'tok')
@@ -302,7 +304,7 @@ for i = 4, #ARGV, $RELEASE_ITEM do
     redis.call('HSET', hk, 'st', 'retry', 'due', ARGV[2])
     redis.call('HDEL', hk, 'tok')
     redis.call('ZADD', p .. 'due', ARGV[2], member)
-    if ARGV[3] ~= '' then timeline_append(p .. 't:' .. member, ARGV[3]) end
+    if ARGV[3] ~= '' then history_add(p, member, ARGV[3], ARGV[4]) end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -313,8 +315,8 @@ return out
 
 # KEYS[1] shard due zset, KEYS[2] shard dead-letter stream, KEYS[3] key hash
 # ARGV[1] now ms, ARGV[2] claim token, ARGV[3] dedup window ms, ARGV[4] member,
-# ARGV[5] dead letter (JSON), ARGV[6] timeline entry or "", ARGV[7] shard key prefix,
-# ARGV[8] fingerprint, ARGV[9] bucket, ARGV[10] timeline retention ms
+# ARGV[5] dead letter (JSON), ARGV[6] history entry or "", ARGV[7] shard key prefix,
+# ARGV[8] fingerprint, ARGV[9] bucket, ARGV[10] history entries per shard
 # Moves a member still claimed by this token to the dead-letter stream; returns the
 # entry id, or false when the claim was lost. Later copies stay dropped until it is
 # replayed or forgotten.
@@ -324,24 +326,25 @@ if f[1] ~= 'claimed' or f[2] ~= ARGV[2] then return false end
 local id = redis.call('XADD', KEYS[2], '*', 'member', ARGV[4], 'letter', ARGV[5])
 redis.call('ZREM', KEYS[1], ARGV[4])
 remember(ARGV[7], ARGV[4], tonumber(f[3]), f[4], f[5], ARGV[8], ARGV[9], -1, tonumber(ARGV[1]),
-         tonumber(ARGV[3]), tonumber(ARGV[10]), ARGV[6])
+         tonumber(ARGV[3]), ARGV[10], ARGV[6])
 return id
 """
 
 # KEYS[1] shard due zset, KEYS[2] shard dead-letter stream, KEYS[3] key hash, KEYS[4] copies list,
-# KEYS[5] timeline list
+# KEYS[5] shard history stream
 # ARGV[1] dead-letter entry id, ARGV[2] now ms, ARGV[3] member, ARGV[4] copy (JSON),
-# ARGV[5] first copy ms, ARGV[6] no dedup 1|0, ARGV[7] timeline entry or ""
+# ARGV[5] first copy ms, ARGV[6] no dedup 1|0, ARGV[7] history entry or "",
+# ARGV[8] history entries per shard
 # Queues a dead-lettered event again as a single copy due now; returns 1, or 0 when the
-# entry is gone (already replayed), so replaying twice sends once. The timeline stays with
-# the key: kept while it is pending, expiring with it after the forward.
-REPLAY = TIMELINE_APPEND + """
+# entry is gone (already replayed), so replaying twice sends once.
+REPLAY = """
 if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[4])
 redis.call('RPUSH', KEYS[4], ARGV[4])
 redis.call('PERSIST', KEYS[3])
-redis.call('PERSIST', KEYS[5])
-if ARGV[7] ~= '' then timeline_append(KEYS[5], ARGV[7]) end
+if ARGV[7] ~= '' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'm', ARGV[3], 'e', ARGV[7])
+end
 redis.call('HSET', KEYS[3], 'st', 'retry', 't0', ARGV[5], 'due', ARGV[2], 'att', 0, 'nd', ARGV[6])
 redis.call('HSETNX', KEYS[3], 'src', 0)
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
@@ -456,8 +459,7 @@ class Store:
         dedup_window: float = 172_800.0,
         early_flush: bool = True,
         legacy_aliases: bool = True,
-        timeline: bool = True,
-        timeline_retention: float | None = None,
+        history: int = DEBUG_HISTORY,
         dedup_buckets: int = 1024,
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
@@ -471,10 +473,10 @@ class Store:
         self.dedup_window_ms = int(dedup_window * 1000)
         self.early_flush = early_flush
         self.legacy_aliases = legacy_aliases
-        self.timeline = timeline
-        # How long a forwarded key's timeline is kept; never longer than the key.
-        retention = dedup_window if timeline_retention is None else timeline_retention
-        self.timeline_retention_ms = int(min(retention, dedup_window) * 1000) if timeline else 0
+        # Debug history entries kept per shard (0: none), of `history` over all shards.
+        self.history_cap = (
+            max(HISTORY_MIN_PER_SHARD, -(-history // shards)) if history > 0 else 0
+        )
         self.dedup_buckets = dedup_buckets
         self._queue: collections.deque[
             tuple[Sequence[BatchItem], asyncio.Future[list[Any]]]
@@ -517,10 +519,24 @@ class Store:
     def prefix(shard: int) -> str:
         return f"tkgw:{{{shard}}}:"
 
-    def keys_of(self, member: str) -> tuple[str, str, str, str]:
-        """Key hash, copies list, due zset and timeline list of a member."""
+    def keys_of(self, member: str) -> tuple[str, str, str]:
+        """Key hash, copies list and due zset of a member."""
         p = self.prefix(self.shard_of(member))
-        return f"{p}k:{member}", f"{p}c:{member}", f"{p}due", f"{p}t:{member}"
+        return f"{p}k:{member}", f"{p}c:{member}", f"{p}due"
+
+    def history_key(self, shard: int) -> str:
+        """The shard's capped debug history stream (see HISTORY_ADD)."""
+        return f"{self.prefix(shard)}h"
+
+    @property
+    def keeps_history(self) -> bool:
+        """Whether entries for /debug are written at all (GATEWAY_DEBUG_HISTORY > 0)."""
+        return self.history_cap > 0
+
+    @property
+    def history_budget(self) -> int:
+        """Debug history entries kept over all shards, about (MAXLEN ~ trims by nodes)."""
+        return self.history_cap * self.shards
 
     def rate_counter_key(self, client: str) -> str:
         """The browser rate limit's counter of one client address (see RATE_LIMIT)."""
@@ -541,12 +557,14 @@ class Store:
     # -- state changes -------------------------------------------------------
 
     async def ingest(
-        self, events: Sequence[Event], now: float, timeline: Sequence[bytes] | None = None
+        self, events: Sequence[Event], now: float, history: Sequence[bytes] | None = None
     ) -> list[IngestResult]:
         """Store copies atomically, each merged, opened or dropped; one round trip and
-        one script call, shared with the requests ingesting at the same time."""
+        one script call, shared with the requests ingesting at the same time. `history`:
+        each copy's history entry (a JSON object; the script adds its outcome)."""
         now_ms = int(now * 1000)
-        common = (self.merge_window_ms, 1 if self.early_flush else 0, self.dedup_window_ms)
+        common = (self.merge_window_ms, 1 if self.early_flush else 0, self.dedup_window_ms,
+                  self.history_cap)  # fmt: skip
         items = []
         for i, event in enumerate(events):
             member = self.member(event)
@@ -561,8 +579,11 @@ class Store:
                     "body": event.body,
                 }
             )
-            entry = timeline[i] if timeline is not None and self.timeline else b""
-            # Events without event_id have a key of their own: nothing to remember.
+            # Events without event_id have a key of their own: nothing to remember, and
+            # nothing to look up, so no history either.
+            entry = b""
+            if history is not None and self.keeps_history and event.event_id:
+                entry = history[i]
             fp, bucket = self.fingerprint(member) if event.event_id else (b"", 0)
             args = (
                 prefix,
@@ -652,40 +673,42 @@ class Store:
             )
 
     async def ack(
-        self, claims: Sequence[Claim], now: float, request_id: str = "", timeline: bytes = b""
+        self, claims: Sequence[Claim], now: float, request_id: str = "", history: bytes = b""
     ) -> int:
         """Forwarded: forget the claims' state, remember their keys; returns how many
-        were still ours. The timeline entry defaults to the time and TikTok's request id."""
-        entry = orjson.loads(timeline or b'{"outcome": "forwarded"}')
-        entry.setdefault("at", round(now, 3))
-        if request_id:
-            entry.setdefault("request_id", request_id)
-        timeline = orjson.dumps(entry) if self.timeline else b""
+        were still ours. The history entry defaults to the time and TikTok's request id."""
+        line = b""
+        if self.keeps_history:
+            entry = orjson.loads(history or b'{"outcome": "forwarded"}')
+            entry.setdefault("at", round(now, 3))
+            if request_id:
+                entry.setdefault("request_id", request_id)
+            line = orjson.dumps(entry)
         items = []
         for claim in claims:
             prefix = self.prefix(claim.shard)
-            common = (int(now * 1000), self.dedup_window_ms, claim.token, timeline,
-                      self.timeline_retention_ms)  # fmt: skip
+            common = (int(now * 1000), self.dedup_window_ms, claim.token, line, self.history_cap)
             args = (prefix, claim.member, *self.fingerprint(claim.member))
             items.append(BatchItem("ack", f"{prefix}due", common, args))
         return sum(int(r) for r in await self._run_batched(items))
 
     async def release(
-        self, claims: Sequence[Claim], retry_at: float, timeline: bytes = b""
+        self, claims: Sequence[Claim], retry_at: float, history: bytes = b""
     ) -> int:
         """Give claims back to the queue, due again at `retry_at`."""
+        line = history if self.keeps_history else b""
         items = []
         for claim in claims:
             prefix = self.prefix(claim.shard)
-            common = (claim.token, int(retry_at * 1000), timeline if self.timeline else b"")
+            common = (claim.token, int(retry_at * 1000), line, self.history_cap)
             items.append(BatchItem("release", f"{prefix}due", common, (prefix, claim.member)))
         return sum(int(r) for r in await self._run_batched(items))
 
     async def dead_letter(
-        self, claim: Claim, letter: dict[str, Any], now: float, timeline: bytes = b""
+        self, claim: Claim, letter: dict[str, Any], now: float, history: bytes = b""
     ) -> str | None:
         """Move a claimed event to the dead-letter stream; None when the claim was lost."""
-        hk, _ck, due, _tl = self.keys_of(claim.member)
+        hk, _ck, due = self.keys_of(claim.member)
         fp, bucket = self.fingerprint(claim.member)
         args = (
             int(now * 1000),
@@ -693,11 +716,11 @@ class Store:
             self.dedup_window_ms,
             claim.member,
             orjson.dumps(letter),
-            timeline if self.timeline else b"",
+            history if self.keeps_history else b"",
             self.prefix(claim.shard),
             fp,
             bucket,
-            self.timeline_retention_ms,
+            self.history_cap,
         )
         [reply] = await self._run([("dead_letter", (due, self.dead_key(claim.shard), hk), args)])
         return None if reply is None else _text(reply)
@@ -726,7 +749,7 @@ class Store:
         """Queue dead letters for sending again; returns how many were queued."""
         calls = []
         for dl in letters:
-            hk, ck, due, tl = self.keys_of(dl.member)
+            hk, ck, due = self.keys_of(dl.member)
             copy = orjson.dumps(
                 {
                     "source": "replay",
@@ -745,10 +768,12 @@ class Store:
                 int(dl.letter["first_seen"] * 1000),
                 0 if dl.letter.get("dedup", True) else 1,
                 orjson.dumps({"outcome": "replayed", "at": round(now, 3), "dead_letter": dl.id})
-                if self.timeline
+                if self.keeps_history
                 else b"",
+                self.history_cap,
             )
-            calls.append(("replay", (due, self.dead_key(dl.shard), hk, ck, tl), args))
+            keys = (due, self.dead_key(dl.shard), hk, ck, self.history_key(dl.shard))
+            calls.append(("replay", keys, args))
         return sum(int(r) for r in await self._run(calls))
 
     # -- reading -----------------------------------------------------------------
@@ -783,33 +808,66 @@ class Store:
     async def inspect(
         self, pixel_code: str, event_id: str, event_name: str
     ) -> dict[str, Any] | None:
-        """A key's state and timeline, for /debug and `inspect`; None when unknown."""
+        """A key's state and timeline, for /debug and `inspect`; None when unknown.
+
+        The state comes from the key's own records (pending hash, or remembered
+        fingerprint); the timeline from the shard's bounded history, so a key whose
+        entries were pushed out by newer ones shows its state with a partial timeline."""
         member = self.member_of(pixel_code, event_id, event_name)
-        hk, ck, _due, tl = self.keys_of(member)
+        shard = self.shard_of(member)
+        hk, ck, _due = self.keys_of(member)
         fp, bucket = self.fingerprint(member)
         now_ms = int(time.time() * 1000)
         async with self._guard():
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(hk)
             pipe.llen(ck)
-            pipe.lrange(tl, 0, -1)
-            remembered = self.remembered_key(self.shard_of(member), bucket)
+            remembered = self.remembered_key(shard, bucket)
             pipe.hget(remembered, fp)  # type: ignore[arg-type]  # binary field names are fine
-            state, copies, entries, until_s = await pipe.execute()
-        timeline = [orjson.loads(e) for e in entries]
+            state, copies, until_s = await pipe.execute()
         names = {"pixel_code": pixel_code, "event_id": event_id, "event": event_name}
-        if state:
-            return {"key": names, **_pending_state(state, copies), "timeline": timeline}
         until = None if until_s is None else int(until_s)
-        if until is None or abs(until) * 1000 <= now_ms:
+        if not state and (until is None or abs(until) * 1000 <= now_ms):
             return None
+        timeline = await self._history_of(shard, member)
+        whole = bool(timeline) and timeline[0].get("outcome") == "new"
+        history = {"kept_entries": self.history_budget, "from_first_copy": whole}
+        if state:
+            return {"key": names, **_pending_state(state, copies), "timeline": timeline,
+                    "history": history}  # fmt: skip
+        assert until is not None
         return {
             "key": names,
-            **_remembered_state(timeline, abs(until) - self.dedup_window_ms / 1000),
+            **_remembered_state(timeline, abs(until) - self.dedup_window_ms / 1000, whole),
             "state": "sent" if until > 0 else "dead",
             "forgotten_in": abs(until) - now_ms / 1000,
             "timeline": timeline,
+            "history": history,
         }
+
+    async def _history_of(self, shard: int, member: str) -> list[dict[str, Any]]:
+        """A member's entries in its shard's history, oldest first: read newest first, in
+        chunks, back to the key's first copy or to the oldest entry kept. The history is
+        capped, so the scan is bounded; an admin's question, not the hot path."""
+        if not self.keeps_history:
+            return []
+        wanted = member.encode()
+        found: list[dict[str, Any]] = []
+        upper = "+"
+        async with self._guard():
+            while True:
+                chunk = await self.client.xrevrange(
+                    self.history_key(shard), upper, "-", count=HISTORY_READ_CHUNK
+                )
+                for _id, fields in chunk:
+                    if fields.get(b"m") != wanted:
+                        continue
+                    found.append(orjson.loads(fields[b"e"]))
+                    if found[-1].get("outcome") == "new":
+                        return found[::-1]
+                if len(chunk) < HISTORY_READ_CHUNK:
+                    return found[::-1]
+                upper = _id_before(_text(chunk[-1][0]))
 
     async def sweep(self, now: float, shard: int, buckets: range) -> int:
         """Remove forgotten fingerprints from some buckets of a shard; returns how many."""
@@ -1084,13 +1142,16 @@ COPY_OUTCOMES = ("new", "merged", "complete")
 ATTEMPT_OUTCOMES = ("forwarded", "retry", "dead_lettered")
 
 
-def _remembered_state(timeline: list[dict[str, Any]], first_seen: float) -> dict[str, Any]:
-    """What is known of a key after it left: its fingerprint, and its timeline if kept."""
+def _remembered_state(
+    timeline: list[dict[str, Any]], first_seen: float, whole: bool
+) -> dict[str, Any]:
+    """What is known of a key after it left: its fingerprint (`first_seen`, to the second),
+    and what its history still holds (`whole`: back to its first copy)."""
     copies = [e for e in timeline if e.get("outcome") in COPY_OUTCOMES]
     forwards = [e for e in timeline if e.get("outcome") == "forwarded"]
     return {
         "sources": [s for s in SOURCES if any(e.get("source") == s for e in copies)],
-        "first_seen": copies[0].get("at", first_seen) if copies else first_seen,
+        "first_seen": copies[0].get("at", first_seen) if whole else first_seen,
         "due": None,
         "forwarded_at": forwards[-1].get("at") if forwards else None,
         "tiktok_request_id": forwards[-1].get("request_id") if forwards else None,
@@ -1107,6 +1168,14 @@ def _attempts(timeline: list[dict[str, Any]]) -> int:
     if final and "attempts" in final[-1]:
         return int(final[-1]["attempts"])
     return sum(e.get("outcome") in ATTEMPT_OUTCOMES for e in timeline)
+
+
+def _id_before(entry_id: str) -> str:
+    """The stream entry id just before `entry_id` (XREVRANGE's bound is inclusive)."""
+    ms, _, seq = entry_id.partition("-")
+    if int(seq) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    return f"{int(ms) - 1}-{2**64 - 1}"
 
 
 def _shard_list(shards: Sequence[int]) -> str:

@@ -744,7 +744,7 @@ async def test_the_guides_redis_figure_is_what_the_script_measures() -> None:
     # the mechanism: fingerprints packed into shared hashes, nothing else left.
     # 2,000 keys over the 16 x 1,024 hashes: some must share one (300 all fell apart ~7% of
     # the time, and the ratio was exactly 1).
-    report = await load_script("measure_redis_memory").measure(2000, timeline=False)
+    report = await load_script("measure_redis_memory").measure(2000, history=0)
     assert report.keys_per_remembered_event < 1
     assert report.pending_bytes_per_event > 10 * report.remembered_bytes_per_event
 

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.errors import StoreUnavailable
 from gateway.events import Event, Source
-from gateway.store import BATCH_CALL_MAX, TIMELINE_MAX, Claim, Store, connect
+from gateway.store import BATCH_CALL_MAX, HISTORY_MIN_PER_SHARD, Claim, Store, connect
 from tests.conftest import PIXEL, PIXEL2, free_port
 
 MERGE = 10.0
@@ -80,8 +80,8 @@ async def statuses(store: Store, events: list[Event], now: float) -> list[str]:
 
 
 async def key_exists(client: aioredis.Redis, store: Store, member: str) -> dict[str, bool]:
-    hk, ck, _due, tl = store.keys_of(member)
-    return {name: bool(await client.exists(key)) for name, key in (("k", hk), ("c", ck), ("t", tl))}
+    hk, ck, _due = store.keys_of(member)
+    return {name: bool(await client.exists(key)) for name, key in (("k", hk), ("c", ck))}
 
 
 async def claim_pair(store: Store, t0: float, event_id: str = "o-1") -> Claim:
@@ -262,7 +262,7 @@ async def test_copy_after_ack_is_duplicate_until_expiry(
 ) -> None:
     await store.ingest([event(source="pixel"), event(source="server")], t0, [b"{}", b"{}"])
     [claim] = await store.claim(t0, 100, LEASE)
-    hk, ck, due, tl = store.keys_of(claim.member)
+    hk, ck, due = store.keys_of(claim.member)
     assert await redis_client.pttl(hk) == -1  # no TTL while pending
     assert await store.ack([claim], t0 + 1, "req-1") == 1
 
@@ -273,9 +273,9 @@ async def test_copy_after_ack_is_duplicate_until_expiry(
     [remembered] = await redis_client.keys(f"{store.prefix(claim.shard)}r:*")
     fp, _bucket = store.fingerprint(claim.member)
     assert await redis_client.hgetall(remembered) == {fp: str(int(t0 + DEDUP)).encode()}
-    assert abs(await redis_client.pttl(tl) - expected_ms) < 5000
+    assert await redis_client.keys(f"{store.prefix(claim.shard)}t:*") == []  # no timeline list
 
-    # After the forward, dropped copies are counted in the timeline.
+    # After the forward, dropped copies are counted in the history.
     results = await store.ingest(
         [event(source="pixel"), event(source="server")], t0 + 50, [b"{}", b"{}"]
     )
@@ -301,7 +301,6 @@ async def test_ack_past_dedup_window_forgets_key_at_once(
     assert await key_exists(redis_client, store, claim.member) == {
         "k": False,
         "c": False,
-        "t": False,
     }
     assert await store.inspect(PIXEL, "o-1", "Purchase") is None
 
@@ -344,9 +343,10 @@ async def test_events_without_event_id_are_never_merged(
         assert await key_exists(redis_client, store, c.member) == {
             "k": False,
             "c": False,
-            "t": False,
         }
     assert await store.counts() == (0, 0)
+    # Nobody can look such a key up: it costs the history nothing.
+    assert sum([await redis_client.xlen(store.history_key(s)) for s in range(store.shards)]) == 0
 
 
 # -- legacy aliases ------------------------------------------------------------------------
@@ -558,6 +558,7 @@ async def test_inspect_fields_and_timeline(make_store: StoreFactory, t0: float) 
             {"outcome": "new", "at": t0, "source": "pixel"},
             {"outcome": "merged", "at": t0 + 1, "source": "server"},
         ],
+        "history": {"kept_entries": 100_000, "from_first_copy": True},
     }
 
     [claim] = await store.claim(t0 + MERGE, 100, LEASE)
@@ -581,18 +582,72 @@ async def test_timeline_complete_outcome_and_empty_entry(store: Store, t0: float
     assert info["timeline"] == [{"outcome": "new"}, {"outcome": "complete", "n": 2}]
 
 
-async def test_timeline_is_capped(store: Store, t0: float) -> None:
-    count = TIMELINE_MAX + 20
-    await store.ingest([event()] * count, t0, [entry(i=i) for i in range(count)])
-    info = await store.inspect(PIXEL, "o-1", "Purchase")
+async def test_history_has_a_fixed_size_and_state_outlives_it(
+    make_store: StoreFactory,
+    redis_client: aioredis.Redis,
+    t0: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("gateway.store.HISTORY_READ_CHUNK", 7)  # a scan of many round trips
+    # The smallest history: HISTORY_MIN_PER_SHARD entries in each of the 4 shards.
+    store = make_store(history=1)
+    assert store.history_cap == HISTORY_MIN_PER_SHARD
+    assert store.history_budget == 4 * HISTORY_MIN_PER_SHARD
+    await store.ingest([event("first")], t0, [entry(i=-1)])
+    [claim] = await store.claim(t0 + MERGE, 100, LEASE)
+    await store.ack([claim], t0 + MERGE, "req-1")
+    info = await store.inspect(PIXEL, "first", "Purchase")
     assert info is not None
-    assert info["copies_received"] == count
-    assert len(info["timeline"]) == TIMELINE_MAX
-    assert info["timeline"][0] == {"outcome": "new", "i": 0}
+    assert [e["outcome"] for e in info["timeline"]] == ["new", "forwarded"]
+    assert info["history"] == {"kept_entries": store.history_budget, "from_first_copy": True}
+
+    # Ten times the shard's share of entries, for other keys of the shard of "first": the
+    # stream stays at its cap, give or take the node of entries Redis trims by.
+    shard = claim.shard
+    ids = [f"o-{i}" for i in range(200)]
+    others = [o for o in ids if store.shard_of(store.member_of(PIXEL, o, "Purchase")) == shard]
+    count = 10 * HISTORY_MIN_PER_SHARD
+    copies = [event(others[i % len(others)]) for i in range(count)]
+    await store.ingest(copies, t0 + MERGE + 1, [entry(i=i) for i in range(count)])
+    assert await redis_client.xlen(store.history_key(shard)) <= 2 * HISTORY_MIN_PER_SHARD
+
+    # "first" has no entries left, but its state still answers, and says so.
+    info = await store.inspect(PIXEL, "first", "Purchase")
+    assert info is not None
+    assert info["state"] == "sent"
+    assert info["first_seen"] == t0  # from its fingerprint, not from the evicted entries
+    assert info["timeline"] == []
+    assert info["history"]["from_first_copy"] is False
+    # A pending key whose first entries went: its newest entries, oldest first.
+    last = len(others) - 1
+    info = await store.inspect(PIXEL, others[last], "Purchase")
+    assert info is not None
+    assert info["copies_received"] == len(range(last, count, len(others)))
+    assert info["history"]["from_first_copy"] is False
+    kept = [e["i"] for e in info["timeline"]]
+    assert kept and kept == list(range(last, count, len(others)))[-len(kept) :]
 
 
-async def test_timeline_off_records_nothing(make_store: StoreFactory, t0: float) -> None:
-    store = make_store(timeline=False)
+async def test_a_timeline_list_of_an_earlier_version_goes_with_its_key(
+    store: Store, redis_client: aioredis.Redis, t0: float
+) -> None:
+    """A Redis written by a version that kept a timeline list per key: the list does not
+    disturb the new code, and is deleted when its key is forwarded or dead-lettered."""
+    sent, dead = await claim_pair(store, t0, "old-1"), await claim_pair(store, t0, "old-2")
+    lists = [f"{store.prefix(c.shard)}t:{c.member}" for c in (sent, dead)]
+    for key in lists:
+        await redis_client.rpush(key, orjson.dumps({"outcome": "new", "at": t0}))
+    assert await store.ack([sent], t0 + 1, "req") == 1
+    assert await store.dead_letter(dead, letter_of(dead, t0 + 1), t0 + 1) is not None
+    assert await redis_client.exists(*lists) == 0
+    info = await store.inspect(PIXEL, "old-1", "Purchase")
+    assert info is not None and info["state"] == "sent"
+
+
+async def test_history_off_records_nothing(
+    make_store: StoreFactory, redis_client: aioredis.Redis, t0: float
+) -> None:
+    store = make_store(history=0)
     await store.ingest([event()], t0, [entry(at=t0)])
     [claim] = await store.claim(t0 + MERGE, 100, LEASE)
     await store.ack([claim], t0 + MERGE, "req", entry(outcome="forwarded"))
