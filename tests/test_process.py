@@ -108,7 +108,8 @@ async def _run_cli(data_dir: Path, *argv: str) -> tuple[int, str, str]:
 async def test_serve_embedded_sandbox_survives_a_restart(
     start_gateway: Starter, data_dir: Path
 ) -> None:
-    gateway = await start_gateway()
+    # A variable of an earlier version, still set: named, not silently ignored.
+    gateway = await start_gateway(GATEWAY_TIMELINE_RETENTION="3600")
 
     # -- start-up says where it listens, that Redis is embedded, and SANDBOX mode.
     lines = gateway.log_lines()
@@ -118,6 +119,8 @@ async def test_serve_embedded_sandbox_survives_a_restart(
     assert any(m.startswith("Redis: embedded") for m in messages), messages
     assert any("embedded redis-server" in m and "redis.sock" in m for m in messages), messages
     assert any(m.startswith("SANDBOX mode") for m in messages), messages
+    [retired] = [line for line in lines if "GATEWAY_TIMELINE_RETENTION" in line["message"]]
+    assert retired["level"] == "warning" and "GATEWAY_DEBUG_HISTORY" in retired["message"]
     redis_pid = embedded_redis_pid(data_dir)
     assert redis_pid is not None and alive(redis_pid)
     assert (data_dir / "redis.sock").is_socket()

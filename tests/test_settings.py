@@ -81,6 +81,8 @@ def test_parses_every_documented_variable() -> None:
         ("GATEWAY_PASSTHROUGH_PATHS", "/open_api/v1.3/%70ixel/"),
         ("GATEWAY_PASSTHROUGH_PATHS", "/open_api/v1.3/pixel/,"),
         ("GATEWAY_PASSTHROUGH_PATHS", "https://business-api.tiktok.com/open_api/v1.3/"),
+        ("GATEWAY_DEBUG_HISTORY", "-1"),
+        ("GATEWAY_DEBUG_HISTORY", "1e5"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -146,3 +148,19 @@ def test_wait_replicas_and_their_timeout() -> None:
     # WAIT must give up before the connection does.
     with pytest.raises(ConfigError, match=r"^GATEWAY_REDIS_WAIT_TIMEOUT"):
         Settings.from_env({"GATEWAY_REDIS_WAIT_REPLICAS": "1", "GATEWAY_REDIS_WAIT_TIMEOUT": "5"})
+
+
+def test_debug_history_is_a_number_of_entries_and_zero_turns_it_off() -> None:
+    assert Settings.from_env({}).debug_history == 100_000
+    assert Settings.from_env({"GATEWAY_DEBUG_HISTORY": "2000"}).debug_history == 2000
+    assert Settings.from_env({"GATEWAY_DEBUG_HISTORY": "0"}).debug_history == 0
+
+
+def test_a_retired_variable_is_named_with_what_replaced_it(tmp_path: Path) -> None:
+    assert Settings.from_env({}).retired == ()
+    [said] = Settings.from_env({"GATEWAY_TIMELINE_RETENTION": "3600"}).retired
+    assert said.startswith("GATEWAY_TIMELINE_RETENTION is no longer used")
+    assert "GATEWAY_DEBUG_HISTORY" in said
+    config = tmp_path / "gateway.toml"
+    config.write_text("timeline_retention = 0\n")
+    assert len(Settings.from_env({}, config).retired) == 1
