@@ -13,8 +13,8 @@ loopback port, then does to it what the gateway does to its Redis:
 
 `used_memory` (INFO memory) is read before, after step 2 (everything
 pending) and after step 3 (only the dedup memory left: the keys' fingerprints,
-and the /debug history, whose size is fixed and reported apart: what deleting
-the history streams frees). The differences divided by N are the figures
+the /debug history, whose size is fixed, is deleted before each reading and
+reported apart, by what deleting it frees). The differences divided by N are the figures
 for sizing Redis in docs/deploying.md:
 
     .venv/bin/python deploy/measure_redis_memory.py --events 20000
@@ -61,8 +61,8 @@ class Report:
     # After the forward, until the dedup window ends; not counting the history streams.
     remembered_bytes_per_event: float
     keys_per_remembered_event: float
-    history_entries: int  # in the /debug history streams, over all shards
-    history_bytes: int  # what deleting the history streams frees: a fixed budget once full
+    history_entries: int  # written to the /debug history, over all shards
+    history_bytes: int  # what deleting them freed (once full, the history's fixed budget)
 
 
 def server_body(i: int, event_id: str) -> dict[str, Any]:
@@ -129,6 +129,15 @@ async def used_memory(client: aioredis.Redis) -> int:
     return int(info["used_memory"])
 
 
+async def drop_history(client: aioredis.Redis, streams: list[str]) -> tuple[int, int]:
+    """Delete the /debug history streams: (entries, bytes) they held, by what deleting frees.
+    The history is a fixed budget, not a cost per event: the figures leave it out."""
+    entries = sum([await client.xlen(key) for key in streams])
+    held = await used_memory(client)
+    await client.delete(*streams)
+    return entries, held - await used_memory(client)
+
+
 async def measure(n: int, *, binary: str | None = None, history: int = DEBUG_HISTORY) -> Report:
     """Start a private Redis, run N pairs through ingest, claim and ack, and read its memory."""
     servers, browsers = make_events(n)
@@ -148,6 +157,8 @@ async def measure(n: int, *, binary: str | None = None, history: int = DEBUG_HIS
                     batch = copies[start:start + BATCH]
                     now = time.time()
                     await store.ingest(batch, now, [ingest_timeline(e, now) for e in batch])
+            streams = [store.history_key(shard) for shard in range(store.shards)]
+            entries, history_bytes = await drop_history(client, streams)
             pending = await used_memory(client)
             forwarded = 0
             while claims := await store.claim(time.time() + 1, BATCH, 60.0):
@@ -156,10 +167,7 @@ async def measure(n: int, *, binary: str | None = None, history: int = DEBUG_HIS
                 forwarded += await store.ack(claims, time.time(), uuid.uuid4().hex, entry)
             if forwarded != n:
                 raise RuntimeError(f"forwarded {forwarded} of {n} events")
-            with_history = await used_memory(client)
-            streams = [store.history_key(shard) for shard in range(store.shards)]
-            entries = sum([await client.xlen(key) for key in streams])
-            await client.delete(*streams)
+            more_entries, more_bytes = await drop_history(client, streams)
             remembered = await used_memory(client)
             return Report(
                 events=n,
@@ -168,8 +176,8 @@ async def measure(n: int, *, binary: str | None = None, history: int = DEBUG_HIS
                 pending_bytes_per_event=round((pending - before) / n, 1),
                 remembered_bytes_per_event=round((remembered - before) / n, 1),
                 keys_per_remembered_event=await client.dbsize() / n,
-                history_entries=entries,
-                history_bytes=with_history - remembered,
+                history_entries=entries + more_entries,
+                history_bytes=history_bytes + more_bytes,
             )
         finally:
             await client.aclose()
@@ -198,8 +206,8 @@ def main() -> None:
           f"{report.remembered_bytes_per_event:,.0f} bytes per event, "
           f"{report.keys_per_remembered_event:g} keys each")
     if report.history_entries:
-        print(f"/debug history (a fixed budget, not per event): {report.history_entries:,} "
-              f"entries, {report.history_bytes:,} bytes, "
+        print(f"/debug history (a fixed budget, not per event; left out above): "
+              f"{report.history_entries:,} entries, {report.history_bytes:,} bytes, "
               f"{report.history_bytes / report.history_entries:,.0f} bytes an entry")
 
 
