@@ -215,6 +215,10 @@ def rate_key(address: str | None) -> str:
 TTCLID_COOKIE = "ttclid"
 TTCLID_COOKIE_MAX_AGE = 30 * 24 * 3600  # as TikTok's own server-side tag sets it
 _MAX_TTCLID = 1000
+# A history entry names at most this many fields, each cut to this length: the history's
+# budget is a number of entries, so an entry must not grow with what a client sends.
+HISTORY_FIELDS_MAX = 64
+HISTORY_NAME_MAX = 80
 
 
 def remember_click(
@@ -456,12 +460,19 @@ def _count_results(
 
 
 def _timeline(event: Event, now: float) -> bytes:
-    """A timeline entry naming the fields a copy brought and its field warnings, never values."""
+    """A history entry naming the fields a copy brought and its field warnings, never values;
+    of bounded size (see HISTORY_FIELDS_MAX)."""
+    names = field_names(event.body)
     entry: dict[str, Any] = {
-        "at": round(now, 3), "source": event.source, "fields": field_names(event.body)
+        "at": round(now, 3),
+        "source": event.source,
+        "fields": [name[:HISTORY_NAME_MAX] for name in names[:HISTORY_FIELDS_MAX]],
     }
+    if len(names) > HISTORY_FIELDS_MAX:
+        entry["fields_omitted"] = len(names) - HISTORY_FIELDS_MAX
     if event.warnings:
-        entry["warnings"] = [warning.as_dict() for warning in event.warnings]
+        # (field, reason) pairs of a fixed set: once each is enough, and bounded.
+        entry["warnings"] = [warning.as_dict() for warning in dict.fromkeys(event.warnings)]
     return orjson.dumps(entry)
 
 

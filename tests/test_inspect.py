@@ -18,6 +18,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from gateway import ingest
 from gateway.cli import main
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
 from tests.helpers import browser_event, post_browser, post_server, server_event, sha256
@@ -192,3 +193,26 @@ async def test_cli_inspect_prints_the_timeline(
     assert state["timeline"][2]["request_id"] == state["tiktok_request_id"]
     assert state["duplicates_dropped"] == 1
     assert EMAIL not in out and sha256(EMAIL) not in out
+
+
+async def test_a_history_entry_stays_small_whatever_a_copy_carries(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """The history's budget counts entries: one copy with hundreds of fields, or very long
+    names, must not make its entry large."""
+    gateway = await make_gateway(admin_token=ADMIN, merge_window=30.0)
+    event = server_event("tl-big")
+    long_name = "x" * 250  # keys are at most 256 characters, 200 a level
+    event["properties"] = {long_name: 1, **event["properties"]}
+    event["properties"].update({f"custom_{i}": i for i in range(150)})
+    event["properties"]["more"] = {f"custom_{i}": i for i in range(150)}
+    answer = await post_server(http, gateway.url, [event])
+    assert answer["code"] == 0, answer
+
+    [entry] = (await debug(http, gateway, "tl-big"))["timeline"]
+    names = len(ingest.field_names(event))
+    assert len(entry["fields"]) == ingest.HISTORY_FIELDS_MAX
+    assert entry["fields_omitted"] == names - ingest.HISTORY_FIELDS_MAX
+    assert all(len(name) <= ingest.HISTORY_NAME_MAX for name in entry["fields"])
+    assert f"properties.{long_name}"[: ingest.HISTORY_NAME_MAX] in entry["fields"]
+    assert len(orjson.dumps(entry)) < ingest.HISTORY_FIELDS_MAX * (ingest.HISTORY_NAME_MAX + 8)
