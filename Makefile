@@ -46,7 +46,7 @@ test: lint typecheck pytest
 fuzz: $(STAMP)
 	FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-500} $(BIN)/pytest -q tests/test_fuzz.py
 
-# The benchmark against B0 (bench/, docs/benchmarks.md): under 10 minutes, not part of
+# The benchmark against B0 (bench/, docs/benchmarks.md): under 12 minutes, not part of
 # `make test`. Writes bench/results/<date>.json and regenerates docs/benchmarks.md.
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
