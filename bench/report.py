@@ -831,7 +831,7 @@ def render(r: dict[str, Any], json_path: Path) -> str:
         "without event_id) and checks every key the clients got code 0 for: the gateway must "
         "deliver each exactly once; B0 at least once (it forwards duplicates).",
         "",
-        "Reproduce: `make bench` (under 10 minutes; installs the `bench` extra), "
+        "Reproduce: `make bench` (under 12 minutes; installs the `bench` extra), "
         "`make bench-smoke` (half a minute), `python -m bench.memory --keys 1000000` (memory "
         "alone), `python -m bench.run --only scale-out` (the scale-out phases and the "
         "one-process saturation phases beside them, about two minutes; no page), "
