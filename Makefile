@@ -58,7 +58,7 @@ soak: $(STAMP)
 soak-failover: $(STAMP)
 	FAILOVER_SOAK_SECONDS=$${FAILOVER_SOAK_SECONDS:-300} $(BIN)/pytest -q -s tests/test_failover.py
 
-# The benchmark against B0 (bench/, docs/benchmarks.md): under 10 minutes, not part of
+# The benchmark against B0 (bench/, docs/benchmarks.md): under 12 minutes, not part of
 # `make test`. Writes bench/results/<date>.json and regenerates docs/benchmarks.md.
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

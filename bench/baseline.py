@@ -16,8 +16,9 @@ import asyncio
 import contextlib
 import hmac
 import time
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,8 @@ import orjson
 from aiohttp import web
 
 from bench.common import BROWSER_PATH, PIXEL, TOKEN, TRACK_PATH
+from gateway import formats
+from gateway.errors import RequestError
 
 FLUSH_SECONDS = 0.1
 FLUSH_EVENTS = 1000
@@ -122,6 +125,47 @@ async def browser_event(request: web.Request) -> web.Response:
     return envelope()
 
 
+def _options() -> formats.ParseOptions:
+    return formats.ParseOptions(now=time.time(), phone_region=None, max_events=1000)
+
+
+def _validated(request: web.Request, parse: Callable[[], formats.ParsedBody]) -> web.Response:
+    """Parse as the gateway does; buffer the normalised events, or answer the refusal."""
+    try:
+        parsed = parse()
+    except RequestError as exc:
+        return envelope(exc.code, str(exc), 400)
+    events = [e.body for e in parsed.events if e.pixel_code == PIXEL]
+    if not events:
+        return envelope(40002, "no valid events", 400)
+    request.app[BUFFER].add(events)
+    return envelope()
+
+
+async def validated_event_track(request: web.Request) -> web.Response:
+    """B1: event/track through the gateway's own decoding and validation."""
+    if not hmac.compare_digest(request.headers.get("Access-Token", "").encode(), TOKEN.encode()):
+        return envelope(40105, "Access token is incorrect")
+    raw = await request.read()
+    return _validated(
+        request, lambda: formats.parse_event_track(formats.decode_json(raw), _options()))
+
+
+async def validated_browser_event(request: web.Request) -> web.Response:
+    """B1: a beacon through the gateway's own decoding, validation and browser fields."""
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    ttclid = request.cookies.get("ttclid")
+    browser = formats.BrowserContext(
+        ip=forwarded.split(",")[0].strip() or request.remote,
+        user_agent=request.headers.get("User-Agent"),
+        ttp=request.cookies.get("_ttp"),
+        ttclid_cookie=urllib.parse.unquote(ttclid) if ttclid else None,
+    )
+    raw = await request.read()
+    return _validated(
+        request, lambda: formats.parse_browser(formats.decode_json(raw), _options(), browser))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return envelope()
 
@@ -139,12 +183,13 @@ async def _buffer_ctx(app: web.Application) -> AsyncIterator[None]:
     await buffer.session.close()
 
 
-def create_app(upstream: str) -> web.Application:
+def create_app(upstream: str, validate: bool = False) -> web.Application:
+    """B0, or B1 with `validate`."""
     app = web.Application(client_max_size=2 * 1024 * 1024)
     app[BUFFER] = Buffer(upstream)
     app.cleanup_ctx.append(_buffer_ctx)
-    app.router.add_post(TRACK_PATH, event_track)
-    app.router.add_post(BROWSER_PATH, browser_event)
+    app.router.add_post(TRACK_PATH, validated_event_track if validate else event_track)
+    app.router.add_post(BROWSER_PATH, validated_browser_event if validate else browser_event)
     app.router.add_get("/healthz", healthz)
     return app
 
@@ -153,8 +198,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--validate", action="store_true",
+                        help="B1: parse and validate with the gateway's own code")
     args = parser.parse_args()
-    web.run_app(create_app(args.upstream), host="127.0.0.1", port=args.port,
+    web.run_app(create_app(args.upstream, args.validate), host="127.0.0.1", port=args.port,
                 access_log=None, print=None)
 
 

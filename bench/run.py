@@ -2,18 +2,24 @@
 
 The rig (each part its own process, all on 127.0.0.1): redis-server with
 an append-only file (everysec); the stand-in; the gateway (`bench.probe`,
-i.e. `tiktok-gateway serve` counting its Redis round trips); B0; and, for
-each phase, one load generator. First the memory measurement (its own
-Redis), then the phases, the gateway's and B0's interleaved:
+i.e. `tiktok-gateway serve` counting its Redis round trips); B0; B1 (B0 with
+the gateway's own parsing and validation, `bench.baseline --validate`); and,
+for each phase, one load generator. First the memory measurement (its own
+Redis), then R0 and the phases, the gateway's, B0's and B1's interleaved:
 
-    memory             bench.memory: bytes per remembered key, 1M keys
-    saturation-pixel   closed loop, single-event beacons              gateway, B0
-    saturation-server  closed loop, 100-event batches                 gateway, B0
-    latency-pixel      constant rate, 70% of the gateway's saturation  gateway, B0
-    latency-server     the same for batches                           gateway, B0
+    memory             bench.memory: bytes per remembered key, 250k keys, through
+                       Store without timelines (a diagnosis)
+    R0                 bench.reference: Redis CPU per pipelined SET of 1 KB
+    saturation-pixel   closed loop, single-event beacons              gateway, B0, B1
+    saturation-server  closed loop, 100-event batches                 gateway, B0, B1
+    latency-pixel      constant rate, 50% of the gateway's saturation  gateway, B0, B1
+    latency-server     the same for batches                           gateway, B0, B1
     mixed              pairs across both sources, 70% of capacity     gateway
     accounting         ingest-only, then forward-only windows: Redis round
-                       trips, script calls and CPU per event          gateway
+                       trips, script calls, commands (INFO commandstats)
+                       and CPU per event                              gateway
+    remembered         bench.remembered: bytes per remembered key, default
+                       settings, sent over HTTP to a gateway on a Redis of its own
     profile            py-spy on the gateway under each saturating load
     scale-out          saturation-pixel and -server again, on `tiktok-gateway
                        serve --workers 2`: on the rig's Redis, then on a
@@ -65,7 +71,7 @@ import orjson
 import psutil
 import redis.asyncio as aioredis
 
-from bench import counters, floor, memory, profiling
+from bench import counters, floor, memory, profiling, reference, remembered
 from bench.cluster import NODES, LocalCluster, primary_of
 from bench.common import (
     PIXEL,
@@ -86,8 +92,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 LOAD_EXIT_GRACE = 40.0  # longest wait for a load generator after its window
 DISTURBED = 25.0  # % of one core taken outside the rig (see disturbance) to run a phase again
-BUDGET_SECONDS = 570.0  # the whole run, memory included: under 10 minutes
-RIG_SECONDS = 220.0  # the rig's phases, without reruns, with room to spare
+BUDGET_SECONDS = 700.0  # the whole run, memory included: under 12 minutes
+RIG_SECONDS = 560.0  # the rig's phases and the remembered keys, without reruns, with room
 SCALE_WORKERS = 2  # gateway processes in the scale-out phases: one per core of the bench machine
 WORKERS_STOP_SECONDS = 30.0  # longest wait for `serve --workers` to drain and exit
 
@@ -104,7 +110,10 @@ class Plan:
     merge_window: float
     memory_keys: int
     profile_seconds: float  # 0: no profile
-    latency_load: float = 0.7  # share of the gateway's saturation for the latency phases
+    latency_load: float = 0.5  # share of the gateway's saturation for the latency phases
+    mixed_load: float = 0.7  # share of the gateway's capacity for the mixed phase
+    r0_sets: int = 200_000  # pipelined SETs of R0
+    remembered_keys: tuple[int, ...] = (100_000,)  # keys sent over HTTP, measured at each
     accounting_seconds: float = 1.3  # must end before the first keys' merge window does
     start_lead: float = 1.0  # seconds between spawning a load generator and its start
     reruns: int = 4  # phases run again at most, when other processes took the CPU
@@ -112,19 +121,20 @@ class Plan:
 
 
 FULL = Plan(warmup=2.0, duration=8.0, mixed_duration=12.0, pixel_concurrency=32,
-            server_concurrency=8, merge_window=2.0, memory_keys=1_000_000, profile_seconds=6.0,
-            reruns=3)
+            server_concurrency=8, merge_window=2.0, memory_keys=250_000, profile_seconds=6.0,
+            reruns=3, remembered_keys=(100_000, 1_000_000))
 SMOKE = Plan(warmup=0.2, duration=0.6, mixed_duration=0.8, pixel_concurrency=4,
              server_concurrency=2, merge_window=0.5, memory_keys=5_000, profile_seconds=0.0,
-             accounting_seconds=0.25, start_lead=0.5, reruns=0, settle=0.05)
+             accounting_seconds=0.25, start_lead=0.5, reruns=0, settle=0.05, r0_sets=5_000,
+             remembered_keys=(1_000, 2_000))
 
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # "gateway" or "b0"
+    name: str  # "gateway", "b0" or "b1"
     port: int
     pid: int
-    merge_window: float  # 0 for B0: it forwards at once
+    merge_window: float  # 0 for B0 and B1: they forward at once
     uses_redis: bool  # the rig's Redis: its INFO is read at the edges of each window
     workers: int = 1  # > 1: `serve --workers N`, its CPU is the process tree's
 
@@ -236,6 +246,12 @@ class Rig:
         await wait_http(f"http://127.0.0.1:{port}/healthz", b0)
         self.targets["b0"] = Target("b0", port, b0.pid, 0.0, False)
 
+        port = free_port()
+        b1 = self._spawn("b1", python_module("bench.baseline", "--port", str(port),
+                                             "--upstream", self.standin_url, "--validate"))
+        await wait_http(f"http://127.0.0.1:{port}/healthz", b1)
+        self.targets["b1"] = Target("b1", port, b1.pid, 0.0, False)
+
     def _gateway_env(self, name: str, port: int, redis_url: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update(
@@ -298,9 +314,9 @@ class Rig:
     async def close(self) -> None:
         for proc in list(self.loads):
             stop(proc, 2.0)
-        for name in [n for n in self.procs if n not in ("b0", "gateway", "standin")]:
+        for name in [n for n in self.procs if n not in ("b0", "b1", "gateway", "standin")]:
             await self.stop_workers(name)
-        for name in ("b0", "gateway", "standin"):
+        for name in ("b0", "b1", "gateway", "standin"):
             if name in self.procs:
                 stop(self.procs[name])
         if self.cluster is not None:
@@ -454,25 +470,25 @@ async def saturation(rig: Rig, plan: Plan, target: Target, workload: str) -> dic
 
 async def throughput_and_latency(rig: Rig, plan: Plan) -> dict[str, Any]:
     phases: dict[str, Any] = {}
-    gateway, b0 = rig.targets["gateway"], rig.targets["b0"]
+    gateway, b0, b1 = rig.targets["gateway"], rig.targets["b0"], rig.targets["b1"]
     conc = {"pixel": plan.pixel_concurrency, "server": plan.server_concurrency}
     for workload in ("pixel", "server"):
-        for target in (gateway, b0):
+        for target in (gateway, b0, b1):
             phases[f"{target.name}-saturation-{workload}"] = await saturation(
                 rig, plan, target, workload)
     for workload in ("pixel", "server"):
         rate = plan.latency_load * rate_of(phases[f"gateway-saturation-{workload}"], workload)
-        for target in (gateway, b0):
+        for target in (gateway, b0, b1):
             phases[f"{target.name}-latency-{workload}"] = await rig.phase(
                 f"{target.name}-latency-{workload}", target, workload, "open", rate=rate,
                 concurrency=conc[workload], warmup=plan.warmup / 2, duration=plan.duration,
             )  # fmt: skip
     # Mixed: equal pixel and server copies per action; the action rate that takes
-    # `latency_load` of the gateway's capacity, from its cost per event in each workload.
+    # `mixed_load` of the gateway's capacity, from its cost per event in each workload.
     per_action = (1 - NO_ID_RATE / 2) * 0.9 * (1 + DUPLICATE_RATE)  # copies per source
     pixel_eps = phases["gateway-saturation-pixel"]["load"]["kinds"]["pixel"]["events_per_s"]
     server_eps = phases["gateway-saturation-server"]["load"]["kinds"]["server"]["events_per_s"]
-    actions = plan.latency_load / (per_action / pixel_eps + per_action / server_eps)
+    actions = plan.mixed_load / (per_action / pixel_eps + per_action / server_eps)
     phases["gateway-mixed"] = await rig.phase(
         "gateway-mixed", gateway, "mixed", "open", rate=actions,
         concurrency=plan.pixel_concurrency, warmup=plan.warmup / 2,
@@ -548,9 +564,11 @@ def _per_unit(
 
     usec = net(win["script_usec"], background["script_usec"])
     redis_cpu = net(win["cpu_s"]["redis"], background["cpu_s"]["redis"])
+    commands = net(redis_commands(win), redis_commands(background))
     out: dict[str, Any] = {"events": events, "requests": requests}
     if events:
         out |= {
+            "redis_commands_per_event": round(commands / events, 3),
             "round_trips_per_event": round(trips / events, 4),
             "script_calls_per_event": round(calls / events, 4),
             "script_usec_per_event": round(usec / events, 2),
@@ -560,6 +578,12 @@ def _per_unit(
     if requests:
         out["round_trips_per_request"] = round(trips / requests, 4)
     return out
+
+
+def redis_commands(win: dict[str, Any]) -> int:
+    """Commands Redis ran in a window (INFO commandstats): each EVALSHA once, and each command
+    its script ran once more; the bench's own INFO at the window's edges left out."""
+    return sum(v["calls"] for name, v in win["commandstats"].items() if name != "info")
 
 
 async def profile(rig: Rig, plan: Plan) -> dict[str, Any]:
@@ -740,7 +764,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
         out["throughput"][w]["gateway_forwarded_events_per_s"] = round(
             g_win["standin"]["events"] / g_win["seconds"], 1)
         out["throughput"][w]["gateway_drain_s"] = g["delivery"]["waited_s"]
-        for name in (f"gateway-saturation-{w}", f"b0-saturation-{w}"):
+        for name in (f"gateway-saturation-{w}", f"b0-saturation-{w}", f"b1-saturation-{w}"):
             win = ph[name]["window"]["cpu_percent_of_one_core"]
             out["bottleneck"][name] = {
                 "target_cpu_percent": win.get(ph[name]["target"]),
@@ -751,7 +775,8 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
                 "other_cpu_percent": ph[name]["window"]["other_cpu_percent_of_one_core"],
             }
     for name in ("gateway-saturation-pixel", "gateway-saturation-server", "gateway-mixed",
-                 "b0-saturation-pixel", "b0-saturation-server"):
+                 "b0-saturation-pixel", "b0-saturation-server", "b1-saturation-pixel",
+                 "b1-saturation-server"):
         acked = sum(k["acked_events"] for k in ph[name]["load"]["kinds"].values())
         cpu = ph[name]["window"]["cpu_s"][ph[name]["target"]]
         out["gateway_cpu_s_per_1000_events"][name] = round(cpu / acked * 1000, 4) if acked else None
@@ -786,6 +811,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
     gateway_phases = [p for p in ph.values() if p["target"] == "gateway"]
     gateway_phases += list(results.get("scale_out", {}).get("phases", {}).values())
     gateway_phases += [results["accounting"][w] for w in ("pixel", "server")]
+    gateway_phases += (results.get("remembered") or {}).get("steps", [])
     out["exactly_once"] = {
         "all_phases": all(p["delivery"]["exactly_once"] for p in gateway_phases),
         "acked_keys": sum(p["delivery"]["acked_keys"] for p in gateway_phases),
@@ -800,6 +826,44 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
         "missed_duplicates", "redis_version", "mem_allocator")}
     if "scale_out" in results:
         out["scale_out"] = scale_out_figures(results)
+    out["per_event"] = per_event_figures(results, out)
+    return out
+
+
+def per_event_figures(results: dict[str, Any], fig: dict[str, Any]) -> dict[str, Any]:
+    """The issue's per-event figures, each a ratio within this run: gateway and B1 CPU per
+    event to B0's, Redis CPU per event (ingest + forward) to R0, Redis commands per event,
+    added p99 latency to B0's p99, and bytes per remembered key over HTTP."""
+    costs, acc, ph = fig["gateway_cpu_s_per_1000_events"], results["accounting"], results["phases"]
+    r0 = results["reference"]["redis_cpu_usec_per_set"]
+    out: dict[str, Any] = {"r0_redis_cpu_usec_per_set": r0}
+    for w in ("pixel", "server"):
+        g, b0, b1 = (costs[f"{who}-saturation-{w}"] for who in ("gateway", "b0", "b1"))
+        redis_cpu = sum(acc[w][step].get("redis_cpu_usec_per_event", 0.0)
+                        for step in ("ingest", "forward"))  # fmt: skip
+        lat = {who: ph[f"{who}-latency-{w}"]["load"]["kinds"][w]["latency_ms"]["p99"]
+               for who in ("gateway", "b0", "b1")}  # fmt: skip
+        out[w] = {
+            "gateway_cpu_to_b0": round(g / b0, 2) if g and b0 else None,
+            "b1_cpu_to_b0": round(b1 / b0, 2) if b1 and b0 else None,
+            "gateway_cpu_to_b1": round(g / b1, 2) if g and b1 else None,
+            "redis_cpu_usec_per_event": round(redis_cpu, 2),
+            "redis_cpu_to_r0": round(redis_cpu / r0, 2) if r0 else None,
+            "redis_commands_per_event": round(sum(
+                acc[w][step].get("redis_commands_per_event", 0.0)
+                for step in ("ingest", "forward")), 2),
+            "latency_rate_requests_per_s": ph[f"gateway-latency-{w}"]["load"]["offered_rate"],
+            "p99_ms": lat,
+            "added_p99_ms": round(lat["gateway"] - lat["b0"], 3),
+            "added_p99_to_b0_p99": round((lat["gateway"] - lat["b0"]) / lat["b0"], 2)
+            if lat["b0"] else None,
+            "b1_added_p99_to_b0_p99": round((lat["b1"] - lat["b0"]) / lat["b0"], 2)
+            if lat["b0"] else None,
+        }
+    out["remembered_bytes_per_key"] = {
+        str(step["keys"]): step["bytes_per_key"]
+        for step in (results.get("remembered") or {}).get("steps", [])
+    }
     return out
 
 
@@ -864,6 +928,8 @@ async def run(
         await rig.start()
         print("floor: one Redis round trip, before any load", flush=True)
         results["floor"] |= await floor.round_trip(rig.redis_url, 100 if plan is SMOKE else 2000)
+        print(f"R0: {plan.r0_sets:,} pipelined SETs of 1 KB", flush=True)
+        results["reference"] = await reference.measure(rig.redis_url, plan.r0_sets)
         print("throughput and latency", flush=True)
         results["phases"] = await throughput_and_latency(rig, plan)
         print("Redis accounting", flush=True)
@@ -874,6 +940,8 @@ async def run(
         results["scale_out"] = await scale_out(rig, plan)
         print("wait-replicas: a cluster with replicas, without and with WAIT", flush=True)
         results["wait_replicas"] = await wait_replicas_cost(rig, plan)
+        print("remembered keys: default settings, over HTTP", flush=True)
+        results["remembered"] = await remembered.measure(rig, list(plan.remembered_keys))
     finally:
         await rig.close()
     results["figures"] = figures(results)

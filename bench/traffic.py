@@ -114,7 +114,15 @@ def server_item(copy: Copy, now: int) -> bytes:
 
 def pixel_request(copy: Copy, now: int, host: bytes) -> bytes:
     """One browser beacon: text/plain, the `_ttp` cookie, behind a load balancer."""
-    body = pixel_body(copy, now)
+    return _beacon(copy, pixel_body(copy, now), host)
+
+
+def pixel_list_request(copies: list[Copy], now: int, host: bytes) -> bytes:
+    """Several pixel copies in one beacon (a JSON list), as from the first copy's browser."""
+    return _beacon(copies[0], b"[%s]" % b",".join(pixel_body(c, now) for c in copies), host)
+
+
+def _beacon(copy: Copy, body: bytes, host: bytes) -> bytes:
     head = (
         b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: text/plain;charset=UTF-8\r\n"
         b"Origin: %s\r\nUser-Agent: %s\r\nCookie: _ttp=01J%023X; ttclid=E.C.P.%016x\r\n"

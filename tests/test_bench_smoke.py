@@ -75,6 +75,25 @@ def test_smoke_run_delivers_exactly_once_and_reports_every_figure(tmp_path: Path
             assert figures["events_per_s"] > 0, (workload, setup)
             assert figures["cpu_ms_per_1000_events"] > 0, (workload, setup)
         assert len(fig["scale_out"][workload]) == 3
+    # The store redesign's figures: ratios to B0 and R0 in the same run, commands per event,
+    # bytes per remembered key over HTTP (delivered exactly once at each step).
+    per_event = fig["per_event"]
+    assert per_event["r0_redis_cpu_usec_per_set"] > 0
+    for workload in ("pixel", "server"):
+        x = per_event[workload]
+        for figure in ("gateway_cpu_to_b0", "b1_cpu_to_b0", "redis_cpu_to_r0"):
+            assert x[figure] > 0, (workload, figure)
+        # At least the EVALSHA of ingest and the commands its script runs.
+        assert x["redis_commands_per_event"] >= 2, workload
+        assert x["added_p99_to_b0_p99"] is not None
+    steps = results["remembered"]["steps"]
+    assert [s["keys"] for s in steps] == sorted(s["keys"] for s in steps)
+    previous = 0
+    for step in steps:  # each step sends the keys it adds to the last, every one acknowledged
+        assert step["delivery"]["exactly_once"], step
+        assert step["acked_keys"] == step["keys"] - previous, step
+        assert step["bytes_per_key"] > 0
+        previous = step["keys"]
     assert not any(math.isnan(x) for x in _numbers(fig))
     floor = results["floor"]
     for figure in ("beacon_parse_us", "server_parse_us", "redis_round_trip_cpu_us",
