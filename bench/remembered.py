@@ -17,7 +17,10 @@
 3. Once the stand-in has every acknowledged key exactly once, `used_memory`
    (settled) minus what it was before, divided by the keys: bytes per
    remembered key, just after the forward. The keys are sent in steps
-   (`counts`), each measured when forwarded, on top of the last.
+   (`counts`), each measured when forwarded, on top of the last. Beside it,
+   the same less the `/debug` history streams (`MEMORY USAGE` of each shard's
+   `tkgw:{N}:h`): that history has a fixed budget (`GATEWAY_DEBUG_HISTORY`
+   entries), so it is a constant, not a cost per key.
 """
 
 from __future__ import annotations
@@ -44,6 +47,15 @@ PIXEL_LIST = 50  # pixel copies per beacon: within the default 64 KB and 100 eve
 CONNECTIONS = 8
 WORKERS = 2  # gateway processes
 NAME = "gateway-remembered"
+SHARDS = 16  # the default GATEWAY_SHARDS: whose history streams are measured
+
+
+async def history_bytes(client: aioredis.Redis) -> int:
+    """Bytes the shards' /debug history streams take (exact: every entry sampled)."""
+    pipe = client.pipeline(transaction=False)
+    for shard in range(SHARDS):
+        pipe.memory_usage(f"tkgw:{{{shard}}}:h", samples=0)
+    return sum(int(size or 0) for size in await pipe.execute())
 
 
 def requests(actions: Actions, count: int) -> Iterator[tuple[str, list[Copy]]]:
@@ -133,11 +145,14 @@ async def measure(rig: Rig, counts: list[int], seed: int = 11) -> dict[str, Any]
                                           for key, at in sent["acked"].items()))
             delivery = await rig.deliver(f"{NAME}-{count}", acked_path, target)
             after = await settled_memory(client)
+            history = await history_bytes(client)
             out["steps"].append({
                 "keys": count,
                 "acked_keys": len(sent["acked"]),
                 "failed_requests": sent["failed"],
                 "bytes_per_key": round((after - before) / count, 1),
+                "history_bytes": history,
+                "bytes_per_key_beyond_history": round((after - before - history) / count, 1),
                 "redis_keys_per_key": round(await client.dbsize() / count, 3),
                 "send_seconds": round(send_seconds, 1),
                 "copies": sent["copies"],

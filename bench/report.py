@@ -251,8 +251,9 @@ def why_redis_cpu(workload: str) -> Callable[[dict[str, Any]], str]:
 
 def why_commands(workload: str) -> Callable[[dict[str, Any]], str]:
     def why(r: dict[str, Any]) -> str:
-        return ("Every copy gets its own state (a hash, a copies list, a due-queue entry, a "
-                "timeline), written on ingest and read, rewritten and deleted on the forward. "
+        return ("Every copy gets its own state (a hash, a copies list, a due-queue entry) and "
+                "a /debug history entry, written on ingest and read, rewritten and deleted on "
+                "the forward. "
                 f"Commands per event by name, ingest + forward: {_top_commands(r, workload, 9)}.")
 
     return why
@@ -263,12 +264,16 @@ def why_remembered(r: dict[str, Any]) -> str:
     if not steps:
         return ""
     last = steps[-1]
+    history = last.get("history_bytes")
+    beyond = last.get("bytes_per_key_beyond_history")
+    fixed = (f"Of that, the /debug history (a fixed budget of `GATEWAY_DEBUG_HISTORY` "
+             f"entries, not a cost per key) takes {_num(history / 1e6)} MB; beyond it a "
+             f"remembered key costs {_num(beyond)} bytes. " if history is not None else "")
     return (f"The gateway leaves {_num(last['redis_keys_per_key'])} Redis keys per remembered "
-            "key just after the forward: each key's /debug timeline (a list of its copies' "
-            "entries and the forward's) is kept for `GATEWAY_TIMELINE_RETENTION` (an hour by "
-            "default), next to its fingerprint. Through `Store` without timelines the same "
-            f"state costs {_num((r.get('memory') or {}).get('store_bytes_per_key'))} bytes per "
-            "key (Memory, below).")
+            f"key just after the forward. {fixed}Through `Store`, less its history, the same "
+            "state costs "
+            f"{_num((r.get('memory') or {}).get('store_bytes_per_key_beyond_history'))} bytes "
+            "per key (Memory, below).")
 
 
 def why_added_p99(workload: str) -> Callable[[dict[str, Any]], str]:
@@ -592,7 +597,7 @@ def reference_lines(r: dict[str, Any]) -> list[str]:
             f"{rem['mem_allocator']}, no append-only file), with the rig's settings: the "
             f"defaults but `GATEWAY_MERGE_WINDOW={_num(rem['merge_window'])}` (so that events "
             "forward promptly) and the pixel, origin, trusted proxy, upstream (the stand-in), "
-            "pass-through off and log level; timelines and their retention are the defaults. "
+            "pass-through off and log level; the /debug history is the default. "
             "80% of keys get a pixel and a server copy, 10% one only, 10% the other; server "
             f"copies in batches of {rem['server_batch']}, pixel copies {rem['pixel_list']} to "
             f"a beacon (a JSON list, to be fast enough), on {rem['connections']} connections. "
@@ -791,6 +796,8 @@ def render(r: dict[str, Any], json_path: Path) -> str:
             "| --- | ---: | ---: |",
             f"| the gateway's store | {_num(mem['store_bytes_per_key'])} "
             f"| {_num(mem['store_redis_keys_per_key'])} |",
+            f"| the same less the /debug history ({_num(mem.get('history_bytes', 0) / 1e6)} MB, "
+            f"a fixed budget) | {_num(mem.get('store_bytes_per_key_beyond_history'))} | |",
             f"| naive SET with expiry | {_num(mem['naive_bytes_per_key'])} | 1 |",
             "",
             f"False drops: {mem['false_drops']} of {mem['probes']:,} fresh keys were taken for "
@@ -885,7 +892,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     mem = fig["memory"]
     if mem.get("store_bytes_per_key") is not None:
         over_http = fig.get("per_event", {}).get("remembered_bytes_per_key", {})
-        labels = [f"HTTP, {int(k):,}" for k in over_http] + ["Store, no\ntimelines", "naive SET"]
+        labels = [f"HTTP, {int(k):,}" for k in over_http] + ["Store", "naive SET"]
         values = [*over_http.values(), mem["store_bytes_per_key"], mem["naive_bytes_per_key"]]
         ax.bar(labels, values, color=[colours["gateway"]] * (len(values) - 1) + [colours["B0"]])
         ax.tick_params(axis="x", labelsize=7)

@@ -8,7 +8,7 @@ for each phase, one load generator. First the memory measurement (its own
 Redis), then R0 and the phases, the gateway's, B0's and B1's interleaved:
 
     memory             bench.memory: bytes per remembered key, 250k keys, through
-                       Store without timelines (a diagnosis)
+                       Store, less its history (a diagnosis)
     R0                 bench.reference: Redis CPU per pipelined SET of 1 KB
     saturation-pixel   closed loop, single-event beacons              gateway, B0, B1
     saturation-server  closed loop, 100-event batches                 gateway, B0, B1
@@ -822,7 +822,8 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
     out["redis"] = {w: {"ingest": acc[w]["ingest"], "forward": acc[w]["forward"]}
                     for w in ("pixel", "server")}
     out["memory"] = {k: results["memory"].get(k) for k in (
-        "keys", "store_bytes_per_key", "naive_bytes_per_key", "false_drops", "history_bytes",
+        "keys", "store_bytes_per_key", "store_bytes_per_key_beyond_history", "naive_bytes_per_key",
+        "false_drops", "history_bytes",
         "missed_duplicates", "redis_version", "mem_allocator")}
     if "scale_out" in results:
         out["scale_out"] = scale_out_figures(results)
