@@ -1098,7 +1098,32 @@ class Store:
             raise StoreUnavailable(f"Redis unavailable: {exc} (MovedError)") from exc
         except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError) as exc:
             # RedisClusterException: the cluster client found no node to ask.
+            if _refused_for_good(exc):
+                # Still a 503 to the client, but no outage: someone must look.
+                log.error("Redis refused a command: %s (%s)", exc, type(exc).__name__)
             raise StoreUnavailable(f"Redis unavailable: {exc} ({type(exc).__name__})") from exc
+
+
+# Errors that a Redis answers while it is away, failing over, loading or reconfiguring:
+# they pass by themselves. Any other error reply (OOM, WRONGTYPE, a script that fails)
+# does not, and is logged as an error.
+_PASSING = (
+    redis_errors.ClusterDownError,  # MasterDownError too
+    redis_errors.TryAgainError,
+    redis_errors.AskError,  # MovedError too
+    redis_errors.ReadOnlyError,
+    redis_errors.NoScriptError,
+)
+_PASSING_PREFIXES = ("LOADING", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS")
+
+
+def _refused_for_good(exc: Exception) -> bool:
+    """An error reply that will not pass by itself: a bug, a full Redis, a foreign key."""
+    return (
+        isinstance(exc, redis_errors.ResponseError)
+        and not isinstance(exc, _PASSING)
+        and not str(exc).startswith(_PASSING_PREFIXES)
+    )
 
 
 def connect(url: str, *, cluster: bool = False, timeout: float = 5.0) -> RedisClient:

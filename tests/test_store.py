@@ -860,9 +860,10 @@ async def test_connect_client_closes_its_connections(
 
 
 async def test_redis_out_of_memory_is_unavailable_not_a_crash(
-    store: Store, redis_client: aioredis.Redis
+    store: Store, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With `noeviction` and maxmemory reached Redis refuses writes: answer 503, store nothing."""
+    """With `noeviction` and maxmemory reached Redis refuses writes: answer 503, store nothing,
+    and say so as an error: a full Redis does not pass by itself."""
     await redis_client.config_set("maxmemory-policy", "noeviction")
     await redis_client.config_set("maxmemory", "1")
     try:
@@ -871,3 +872,17 @@ async def test_redis_out_of_memory_is_unavailable_not_a_crash(
     finally:
         await redis_client.config_set("maxmemory", "0")
     assert await redis_client.keys("tkgw:*") == []
+    [said] = [r for r in caplog.records if r.name == "gateway.store" and r.levelname == "ERROR"]
+    assert "OOM" in said.getMessage()
+
+
+async def test_a_redis_that_is_away_is_not_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = connect(f"redis://127.0.0.1:{free_port()}", timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await Store(client, shards=4).ingest([event()], time.time())
+    finally:
+        await client.aclose()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
