@@ -74,6 +74,11 @@ def dedup_name(name: str, legacy_aliases: bool) -> str:
 # it came in (formats.py converts the shapes first). It raises InvalidEvent
 # naming the field by its dotted path inside the event ("properties.value");
 # the caller prefixes the event's place in the request ("data.3.").
+#
+# A cleaner is given the name of its field relative to the object holding it
+# (a key, or "" for a list item) and raises with that name; each object or list
+# adds its own part as the error passes through it (`InvalidEvent.within`), so a
+# path is built only for the field that is refused.
 
 MAX_STRING_LENGTH = 8192  # any string; page.url and user_agent can be this long
 MAX_KEY_LENGTH = 256  # a key of a free-form object
@@ -177,7 +182,10 @@ def normalise_event(
         if user:
             body["user"] = user
     for key, clean in _SECTIONS.items():
-        value = clean(raw.get(key), key)
+        section = raw.get(key)
+        if section is None:  # absent; every cleaner gives None for it
+            continue
+        value = clean(section, key)
         if value is not None:
             body[key] = value
     properties = body.get("properties")
@@ -326,8 +334,15 @@ def _id_list(value: Any, field: str) -> list[str] | None:
         value = [value]  # a lone id is a list of one
     if len(value) > MAX_LIST_ITEMS:
         raise InvalidEvent(field, f"has more than {MAX_LIST_ITEMS} items")
-    ids = [_id_text(item, f"{field}.{index}") for index, item in enumerate(value)]
-    return [item for item in ids if item] or None
+    ids: list[str] = []
+    for index, item in enumerate(value):
+        try:
+            text = _id_text(item, "")
+        except InvalidEvent as exc:
+            raise exc.within(f"{field}.{index}") from None
+        if text:
+            ids.append(text)
+    return ids or None
 
 
 def _bool(value: Any, field: str) -> bool | None:
@@ -471,8 +486,15 @@ def clean_value(value: Any, field: str, depth: int = 0) -> Any:
 def _clean_list(value: list[Any], field: str, depth: int) -> list[Any] | None:
     if len(value) > MAX_LIST_ITEMS:
         raise InvalidEvent(field, f"has more than {MAX_LIST_ITEMS} items")
-    items = (clean_value(item, f"{field}.{i}", depth) for i, item in enumerate(value))
-    return [item for item in items if item is not None] or None
+    items: list[Any] = []
+    for index, item in enumerate(value):
+        try:
+            cleaned = clean_value(item, "", depth)
+        except InvalidEvent as exc:
+            raise exc.within(f"{field}.{index}") from None
+        if cleaned is not None:
+            items.append(cleaned)
+    return items or None
 
 
 def _fields(
@@ -490,12 +512,16 @@ def _fields(
     for key, item in value.items():
         if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH:
             raise InvalidEvent(path, f"keys must be strings of at most {MAX_KEY_LENGTH} characters")
-        if key in known:
-            cleaned = known[key](item, f"{path}.{key}")
-        elif keep_unknown:
-            cleaned = clean_value(item, f"{path}.{key}", depth)
-        else:
-            continue
+        clean = known.get(key)
+        try:
+            if clean is not None:
+                cleaned = clean(item, key)
+            elif keep_unknown:
+                cleaned = clean_value(item, key, depth)
+            else:
+                continue
+        except InvalidEvent as exc:
+            raise exc.within(path) from None
         if cleaned is not None:
             out[key] = cleaned
     return out
@@ -531,8 +557,15 @@ def _contents(value: Any, field: str) -> list[dict[str, Any]] | None:
         raise InvalidEvent(field, "must be a list of objects")
     if len(value) > MAX_CONTENTS:
         raise InvalidEvent(field, f"has more than {MAX_CONTENTS} items")
-    items = (_contents_item(item, f"{field}.{i}") for i, item in enumerate(value))
-    return [item for item in items if item is not None] or None
+    items: list[dict[str, Any]] = []
+    for index, item in enumerate(value):
+        try:
+            cleaned = _contents_item(item, "")
+        except InvalidEvent as exc:
+            raise exc.within(f"{field}.{index}") from None
+        if cleaned is not None:
+            items.append(cleaned)
+    return items or None
 
 
 _PROPERTY_FIELDS: dict[str, Cleaner] = {

@@ -285,15 +285,17 @@ def normalise_user(
     }
     user: dict[str, Any] = {}
     for key, value in raw.items():
-        field = f"{path}.{key}"
-        if key in list_normalisers:
-            cleaned = _list_or_string(value, field, list_normalisers[key], key, warnings)
-        elif key in _SINGLE_FIELDS:
-            cleaned = _single(value, field, _SINGLE_FIELDS[key], key, warnings)
-        else:
-            # Unknown fields could hold raw PII that must not be stored.
-            warnings.append(FieldWarning("user", UNKNOWN_FIELD))
-            continue
+        try:
+            if key in list_normalisers:
+                cleaned = _list_or_string(value, key, list_normalisers[key], key, warnings)
+            elif key in _SINGLE_FIELDS:
+                cleaned = _single(value, key, _SINGLE_FIELDS[key], key, warnings)
+            else:
+                # Unknown fields could hold raw PII that must not be stored.
+                warnings.append(FieldWarning("user", UNKNOWN_FIELD))
+                continue
+        except InvalidEvent as exc:  # its path is built only now (events.py says why)
+            raise exc.within(path) from None
         if cleaned is not None:
             user[key] = cleaned
     return user
@@ -343,7 +345,10 @@ def _list_or_string(
         raise InvalidEvent(field, f"has more than {MAX_PII_ITEMS} items")
     out: list[str] = []
     for index, item in enumerate(value):
-        cleaned = _single(item, f"{field}.{index}", normalise, key, warnings)
+        try:
+            cleaned = _single(item, "", normalise, key, warnings)
+        except InvalidEvent as exc:
+            raise exc.within(f"{field}.{index}") from None
         if cleaned is not None and cleaned not in out:
             out.append(cleaned)
     return out or None
