@@ -147,6 +147,8 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 # fraction, which ISO 8601 (and fromisoformat) wants as a dot.
 _ADOBE_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}):(\d{1,6})(.*)", re.ASCII)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A tuple, not `int | float`: that expression builds a new union object at every call.
+_NUMBERS = (int, float)
 
 Cleaner = Callable[[Any, str], Any]
 
@@ -248,7 +250,7 @@ def parse_timestamp(value: Any) -> int:
         if number is None:
             return _seconds_from_iso(text)
         value = number
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, _NUMBERS):
         raise ValueError("not a time")
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -317,7 +319,7 @@ def _text(value: Any, field: str) -> str | None:
 
 def _id_text(value: Any, field: str) -> str | None:
     """A string id; TikTok wants strings, so a JSON number becomes its digits."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, _NUMBERS) and not isinstance(value, bool):
         number = _as_number(value)
         if number is None:
             raise InvalidEvent(field, "must be a string")
@@ -365,7 +367,7 @@ def _as_number(value: Any) -> int | float | None:
     """A finite number in 64-bit range from a number or numeric string, else None."""
     if isinstance(value, str):
         value = _parse_number_text(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, _NUMBERS):
         return None
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -434,21 +436,33 @@ _ADVICE: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# One object's advice, in _ADVICE's order: (field, holds, the warning if not).
+Advice = tuple[tuple[str, Callable[[Any], bool], FieldWarning], ...]
+
+
+def _advice(typed: Mapping[str, Cleaner], path: str) -> Advice:
+    """The advice for an object whose fields `typed` cleans, found at `path`. Only
+    fields a typed cleaner produced: a free-form "price" could be anything."""
+    return tuple(
+        (key, holds, FieldWarning(f"{path}.{key}", reason))
+        for key, (holds, reason) in _ADVICE.items()
+        if key in typed
+    )
+
+
 def advise(properties: Mapping[str, Any], warnings: list[FieldWarning]) -> None:
     """Append a field warning for each cleaned property (and contents item field)
     outside what TikTok documents; the values themselves stay as they are."""
-    _advise_fields(properties, "properties", _PROPERTY_FIELDS, warnings)
+    _advise_fields(properties, _PROPERTY_ADVICE, warnings)
     for item in properties.get("contents") or ():
-        _advise_fields(item, "properties.contents", _ITEM_FIELDS, warnings)
+        _advise_fields(item, _ITEM_ADVICE, warnings)
 
 
-def _advise_fields(
-    fields: Mapping[str, Any], path: str, typed: Mapping[str, Cleaner], warnings: list[FieldWarning]
-) -> None:
-    # Only fields a typed cleaner produced: a free-form "price" could be anything.
-    for key, (holds, reason) in _ADVICE.items():
-        if key in fields and key in typed and not holds(fields[key]):
-            warnings.append(FieldWarning(f"{path}.{key}", reason))
+def _advise_fields(fields: Mapping[str, Any], advice: Advice, warnings: list[FieldWarning]) -> None:
+    for key, holds, warning in advice:
+        value = fields.get(key)  # a cleaned field is never None
+        if value is not None and not holds(value):
+            warnings.append(warning)
 
 
 def _advise_share_and_att(body: Mapping[str, Any], warnings: list[FieldWarning]) -> None:
@@ -469,7 +483,7 @@ def clean_value(value: Any, field: str, depth: int = 0) -> Any:
         return value
     if isinstance(value, str):
         return _text(value, field)
-    if isinstance(value, int | float):
+    if isinstance(value, _NUMBERS):
         number = _as_number(value)
         if number is None:
             raise InvalidEvent(field, "must be a finite number within 64 bits")
@@ -580,6 +594,10 @@ _PROPERTY_FIELDS: dict[str, Cleaner] = {
 }
 
 
+_PROPERTY_ADVICE = _advice(_PROPERTY_FIELDS, "properties")
+_ITEM_ADVICE = _advice(_ITEM_FIELDS, "properties.contents")
+
+
 def _properties(value: Any, field: str) -> dict[str, Any] | None:
     """Every property kept; the ones TikTok defines are validated."""
     obj = _object(value, field)
@@ -594,8 +612,9 @@ def _lift_content_type(properties: dict[str, Any]) -> None:
     if not contents:
         return
     lifted = [item.pop("content_type") for item in contents if "content_type" in item]
-    if lifted:
-        properties.setdefault("content_type", lifted[0])
+    if not lifted:  # nothing moved (most events): no item can have become empty
+        return
+    properties.setdefault("content_type", lifted[0])
     contents = [item for item in contents if item]  # an item may have held only that
     if contents:
         properties["contents"] = contents

@@ -245,6 +245,9 @@ def _raw(value: str) -> str | None:
 
 Normaliser = Callable[[str], str | None]
 
+# Neither a string nor a list of them (a tuple: `dict | float | bool` is built anew per call).
+_NOT_TEXT = (dict, float, bool)
+
 # Fields that may be one string or a list of strings (Events API 2.0).
 _LIST_FIELDS = ("email", "phone", "external_id")
 _SINGLE_FIELDS: dict[str, Normaliser] = {
@@ -338,7 +341,7 @@ def _list_or_string(
 ) -> str | list[str] | None:
     """A string stays a string; a list stays a list, deduplicated, order kept."""
     if not isinstance(value, list):
-        if isinstance(value, dict | float | bool):
+        if isinstance(value, _NOT_TEXT):
             raise InvalidEvent(field, "must be a string or a list of strings")
         return _single(value, field, normalise, key, warnings)
     if len(value) > MAX_PII_ITEMS:
