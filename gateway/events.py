@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from gateway.errors import InvalidEvent
 from gateway.field_warnings import OUT_OF_RANGE, UNKNOWN_VALUE, FieldWarning
@@ -281,8 +281,18 @@ def ttclid_from_url(url: str) -> str | None:
         query = urlsplit(url).query
     except ValueError:  # e.g. an unclosed "[" in the host
         return None
-    values = parse_qs(query).get("ttclid")
-    return values[0] if values and values[0].strip() else None
+    # The first ttclid as parse_qs reads it, without decoding every other parameter:
+    # a field with no "=" or an empty value is skipped; "+" is a space, %XX a byte.
+    for field in query.split("&"):
+        name, _, value = field.partition("=")
+        if value and (name == "ttclid" or (_encoded(name) and unquote_plus(name) == "ttclid")):
+            ttclid = unquote_plus(value)
+            return ttclid if ttclid.strip() else None
+    return None
+
+
+def _encoded(text: str) -> bool:
+    return "%" in text or "+" in text
 
 
 def _fill_ttclid_from_page(body: dict[str, Any]) -> None:

@@ -1,17 +1,22 @@
-"""The E.164 fast path (gateway/pii.py `e164_fast`) against phonenumbers itself.
+"""The cheaper ways the hot path computes a value, each against the library it stands in for.
 
-Wherever the fast path answers, its answer must be exactly what parsing with
-phonenumbers, checking the number is possible and formatting it as E.164 gives,
-whatever the region; where it cannot be sure, it must step aside (None).
+- The E.164 fast path (gateway/pii.py `e164_fast`) against phonenumbers itself:
+  wherever it answers, its answer is exactly what parsing with phonenumbers,
+  checking the number is possible and formatting it as E.164 gives, whatever the
+  region; where it cannot be sure, it steps aside (None).
+- A page URL's ttclid (gateway/events.py `ttclid_from_url`) against parse_qs.
 """
 
 from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
 
 import phonenumbers
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.events import ttclid_from_url
 from gateway.pii import e164, e164_fast
 
 CODES = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
@@ -103,3 +108,56 @@ def test_common_international_numbers_take_the_fast_path(text: str, expected: st
 )
 def test_numbers_phonenumbers_must_decide_are_left_to_it(text: str) -> None:
     assert e164_fast(text) is None
+
+
+# --- a page URL's ttclid --------------------------------------------------------------
+
+
+def ttclid_by_parse_qs(url: str) -> str | None:
+    """The first ttclid of the URL's query, as parse_qs reads it; None if blank or absent,
+    and for a URL that does not spell "ttclid" (an encoded name is not looked for)."""
+    if "ttclid" not in url:
+        return None
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return None
+    values = parse_qs(query).get("ttclid")
+    return values[0] if values and values[0].strip() else None
+
+
+QUERY_PARTS = ("ttclid", "ttclid=", "=", "&", "&&", "+", "%", "%74", "%2B", "%20", "%ZZ", "%C3%A9",
+               "#", "?", " ", "a", "E.C.P.x1", "utm_source=tiktok", "é", "ttcl%69d", "ttclid+",
+               "[", "]", "\t")  # fmt: skip
+
+
+@settings(max_examples=2000)
+@given(
+    st.sampled_from(("https://shop.example/p", "https://[::1]/p", "https://[bad/p", "/p", "")),
+    st.lists(st.sampled_from(QUERY_PARTS), max_size=12),
+)
+def test_ttclid_is_the_one_parse_qs_reads(base: str, parts: list[str]) -> None:
+    url = f"{base}?{''.join(parts)}"
+    assert ttclid_from_url.__wrapped__(url) == ttclid_by_parse_qs(url), url
+
+
+@given(st.text(max_size=60))
+def test_ttclid_of_any_text_is_the_one_parse_qs_reads(text: str) -> None:
+    url = f"https://shop.example/?{text}&ttclid={text}"
+    assert ttclid_from_url.__wrapped__(url) == ttclid_by_parse_qs(url), url
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://s.example/p?utm_source=tiktok&ttclid=E.C.P.abc&x=1", "E.C.P.abc"),
+        ("https://s.example/p?ttcl%69d=first&ttclid=second", "first"),  # a name is decoded
+        ("https://s.example/p?ttclid&ttclid=&ttclid=E.C.P.abc", "E.C.P.abc"),  # no value: skipped
+        ("https://s.example/p?ttclid=+&ttclid=E.C.P.abc", None),  # the first is blank
+        ("https://s.example/p?ttclid=a%2Bb+c", "a+b c"),
+        ("https://s.example/p#?ttclid=E.C.P.abc", None),  # in the fragment
+        ("https://[s.example/p?ttclid=E.C.P.abc", None),  # no URL at all
+    ],
+)
+def test_ttclid_examples(url: str, expected: str | None) -> None:
+    assert ttclid_from_url.__wrapped__(url) == ttclid_by_parse_qs(url) == expected
