@@ -318,6 +318,8 @@ def _object(value: Any, field: str) -> dict[str, Any] | None:
 
 
 def _text(value: Any, field: str) -> str | None:
+    if type(value) is str and len(value) <= MAX_STRING_LENGTH:  # nearly every value
+        return value or None
     if value is None:
         return None
     if not isinstance(value, str):
@@ -329,6 +331,8 @@ def _text(value: Any, field: str) -> str | None:
 
 def _id_text(value: Any, field: str) -> str | None:
     """A string id; TikTok wants strings, so a JSON number becomes its digits."""
+    if type(value) is str:
+        return _text(value, field)
     if isinstance(value, _NUMBERS) and not isinstance(value, bool):
         number = _as_number(value)
         if number is None:
@@ -375,6 +379,11 @@ def _parse_number_text(text: str) -> int | float | None:
 
 def _as_number(value: Any) -> int | float | None:
     """A finite number in 64-bit range from a number or numeric string, else None."""
+    kind = type(value)  # exactly float or int, as JSON gives them: no bool, no subclass
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is int:
+        return value if _INT_MIN <= value <= _INT_MAX else None
     if isinstance(value, str):
         value = _parse_number_text(value.strip())
     if isinstance(value, bool) or not isinstance(value, _NUMBERS):
@@ -398,6 +407,8 @@ def _money(value: Any, field: str) -> int | float | None:
 
 
 def _whole(value: Any, field: str) -> int | None:
+    if type(value) is int and _INT_MIN <= value <= _INT_MAX:  # nearly every value
+        return value
     if value is None or value == "":
         return None
     number = _as_number(value)
