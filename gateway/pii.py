@@ -281,27 +281,38 @@ def normalise_user(
     dropped with a field warning appended to `warnings` (named by the 2.0 path,
     "user.phone", whatever `path` the client sent it under).
     """
-    list_normalisers: dict[str, Normaliser] = {
-        "email": normalise_email,
-        "phone": lambda value: normalise_phone(value, region),
-        "external_id": normalise_external_id,
-    }
+    normalisers = _normalisers(region)
     user: dict[str, Any] = {}
     for key, value in raw.items():
+        normalise = normalisers.get(key)
+        if normalise is None:
+            # Unknown fields could hold raw PII that must not be stored.
+            warnings.append(FieldWarning("user", UNKNOWN_FIELD))
+            continue
+        cleaned: str | list[str] | None
         try:
-            if key in list_normalisers:
-                cleaned = _list_or_string(value, key, list_normalisers[key], key, warnings)
-            elif key in _SINGLE_FIELDS:
-                cleaned = _single(value, key, _SINGLE_FIELDS[key], key, warnings)
+            if type(value) is str and len(value) <= MAX_PII_LENGTH:  # nearly every value
+                cleaned = _apply(normalise, value, key, warnings)
+            elif key in _LIST_FIELDS:
+                cleaned = _list_or_string(value, key, normalise, key, warnings)
             else:
-                # Unknown fields could hold raw PII that must not be stored.
-                warnings.append(FieldWarning("user", UNKNOWN_FIELD))
-                continue
+                cleaned = _single(value, key, normalise, key, warnings)
         except InvalidEvent as exc:  # its path is built only now (events.py says why)
             raise exc.within(path) from None
         if cleaned is not None:
             user[key] = cleaned
     return user
+
+
+@functools.lru_cache(maxsize=16)  # a deployment reads phones in one region
+def _normalisers(region: str | None) -> dict[str, Normaliser]:
+    """Every user field's normaliser, phone numbers read in `region`."""
+    return {
+        "email": normalise_email,
+        "phone": functools.partial(normalise_phone, region=region),
+        "external_id": normalise_external_id,
+        **_SINGLE_FIELDS,
+    }
 
 
 def _text(value: Any, field: str, key: str) -> str | None:
