@@ -157,7 +157,10 @@ def parse_event_track(doc: Any, opts: ParseOptions) -> ParsedBody:
 
     def convert(raw: Any, warnings: list[FieldWarning], renames: Renames) -> Event:
         item = _event_object(raw)
-        item = dict(item, user=_with_user_aliases(item.get("user"), "user", renames))
+        user = item.get("user")
+        aliased = _with_user_aliases(user, "user", renames)
+        if aliased is not user:  # copied only when an alias moved (the body stays as sent)
+            item = dict(item, user=aliased)
         # Segment once sent test_event_code inside data[]; honour it there too.
         code = test_code or _test_event_code(item.get("test_event_code"), "test_event_code")
         event_body = _normalise(item, opts, warnings)
@@ -376,8 +379,13 @@ def _common_fields(raw: dict[str, Any], renames: Renames) -> dict[str, Any]:
     time_key = "timestamp" if raw.get("timestamp") not in (None, "") else "event_time"
     if time_key == "timestamp":
         renames.append(("event_time", "timestamp"))
-    keys = ("event", "event_id", "properties", "limited_data_use")
-    return {**{key: raw.get(key) for key in keys}, "event_time": raw.get(time_key)}
+    return {
+        "event": raw.get("event"),
+        "event_id": raw.get("event_id"),
+        "properties": raw.get("properties"),
+        "limited_data_use": raw.get("limited_data_use"),
+        "event_time": raw.get(time_key),
+    }
 
 
 def _sub_object(value: Any, field: str) -> dict[str, Any]:
