@@ -5,17 +5,23 @@
   checking the number is possible and formatting it as E.164 gives, whatever the
   region; where it cannot be sure, it steps aside (None).
 - A page URL's ttclid (gateway/events.py `ttclid_from_url`) against parse_qs.
+- A body's nesting depth read from its bytes (gateway/formats.py) against a walk
+  of the parsed document.
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
 import phonenumbers
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import formats
 from gateway.events import ttclid_from_url
 from gateway.pii import e164, e164_fast
 
@@ -161,3 +167,48 @@ def test_ttclid_of_any_text_is_the_one_parse_qs_reads(text: str) -> None:
 )
 def test_ttclid_examples(url: str, expected: str | None) -> None:
     assert ttclid_from_url.__wrapped__(url) == ttclid_by_parse_qs(url) == expected
+
+
+# --- a body's nesting depth -----------------------------------------------------------
+
+# Strings that could fool a reading of the bytes: brackets, quotes, escapes, non-ASCII.
+TRICKY_TEXT = st.text(alphabet='{}[]"\\ab:,é\u2028\U0001f600', max_size=6)
+documents = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TRICKY_TEXT, inner, max_size=4),
+    max_leaves=40,
+)
+
+
+def serialisations(doc: Any) -> list[bytes]:
+    """The document as different clients write it: compact, spaced, ASCII-escaped."""
+    return [
+        orjson.dumps(doc),
+        json.dumps(doc, ensure_ascii=False, indent=1).encode(),
+        json.dumps(doc).encode(),  # every non-ASCII character a \\u escape
+    ]
+
+
+@settings(max_examples=1500)
+@given(documents, st.integers(0, 8))
+def test_depth_read_from_bytes_is_the_depth_of_the_document(doc: Any, max_depth: int) -> None:
+    for raw in serialisations(doc):
+        assert formats._depth_exceeds(raw, doc, max_depth) == formats._walk_exceeds(
+            doc, max_depth
+        ), raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "deepest"),
+    [
+        (b'{"a":[{"b":[[1]]}],"c":"]]]"}', 5),  # closing brackets in a string
+        (b'{"a":"[[[[","b":[{}]}', 3),  # opening ones
+        (b'["\\"[[[", [[]]]', 3),  # an escaped quote before them
+        (b'["\\"[\\"", [1]]', 2),  # escaped quotes around one
+        (b'[[["x"],["{"]],"(("]', 3),
+    ],
+)
+def test_depth_of_bodies_with_brackets_in_strings(raw: bytes, deepest: int) -> None:
+    doc = orjson.loads(raw)
+    assert not formats._depth_exceeds(raw, doc, deepest)
+    assert formats._depth_exceeds(raw, doc, deepest - 1)
