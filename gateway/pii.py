@@ -57,7 +57,7 @@ def sha256_hex(text: str) -> str:
 
 def is_sha256_hex(value: str) -> bool:
     """True when `value` already is a SHA-256 digest in hex (either case)."""
-    return _SHA256_HEX.fullmatch(value) is not None
+    return len(value) == 64 and _SHA256_HEX.fullmatch(value) is not None
 
 
 def _hash_unless_hashed(text: str) -> str:
@@ -111,7 +111,6 @@ def e164(value: str, region: str | None) -> str:
 # what most clients send. Anything else (letters, dots, "ext", other scripts' digits, more
 # than 65 characters) is left to phonenumbers.
 _INTERNATIONAL = re.compile(r"\+[0-9][0-9 ()-]{0,63}")
-_SEPARATORS = str.maketrans("", "", " ()-")
 _COUNTRY_CODES = frozenset(str(code) for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
 
 
@@ -126,13 +125,15 @@ def e164_fast(text: str) -> str | None:
     """
     if _INTERNATIONAL.fullmatch(text) is None:
         return None
-    digits = text[1:].translate(_SEPARATORS)
+    # Four C loops are cheaper than one str.translate, which maps character by character.
+    digits = text[1:].replace(" ", "").replace("-", "").replace("(", "").replace(")", "")
     for size in (1, 2, 3):  # the shortest known code, as phonenumbers reads it
-        if digits[:size] in _COUNTRY_CODES:
+        code = digits[:size]
+        if code in _COUNTRY_CODES:
             break
     else:
         return None
-    rule = _national_rule(int(digits[:size]))
+    rule = _national_rule(code)
     national = digits[size:]
     if rule is None or not national or national[0] == "0":
         return None
@@ -145,10 +146,11 @@ def e164_fast(text: str) -> str | None:
 
 
 @functools.cache  # one entry per country code seen, of about 250
-def _national_rule(country_code: int) -> tuple[frozenset[int], re.Pattern[str] | None] | None:
+def _national_rule(code: str) -> tuple[frozenset[int], re.Pattern[str] | None] | None:
     """For a geographic country code: the national number lengths phonenumbers calls
     possible (not merely "local only") and the pattern of the national prefix it would
     strip. The same metadata phonenumbers.parse and is_possible_number read."""
+    country_code = int(code)
     region = phonenumbers.region_code_for_country_code(country_code)
     if region == phonenumbers.REGION_CODE_FOR_NON_GEO_ENTITY:
         return None
