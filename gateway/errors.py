@@ -79,6 +79,14 @@ class InvalidRequest(RequestError):
 class InvalidEvent(InvalidRequest):
     """One event of a request is malformed; the others may still be accepted."""
 
+    def within(self, head: str) -> InvalidEvent:
+        """The same error with its field named from `head`, the path of what holds it:
+        validators name a field relative to its parent, and the parents add their part
+        only when raising (building "data.3.user.email" for every field would cost)."""
+        if not head:
+            return self
+        return InvalidEvent(f"{head}.{self.field}" if self.field else head, self.reason)
+
 
 class InvalidJSON(InvalidRequest):
     """The body cannot be read as JSON at all (counted apart from well-formed bad bodies)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from gateway.errors import InvalidEvent
 from gateway.field_warnings import OUT_OF_RANGE, UNKNOWN_VALUE, FieldWarning
@@ -74,6 +74,11 @@ def dedup_name(name: str, legacy_aliases: bool) -> str:
 # it came in (formats.py converts the shapes first). It raises InvalidEvent
 # naming the field by its dotted path inside the event ("properties.value");
 # the caller prefixes the event's place in the request ("data.3.").
+#
+# A cleaner is given the name of its field relative to the object holding it
+# (a key, or "" for a list item) and raises with that name; each object or list
+# adds its own part as the error passes through it (`InvalidEvent.within`), so a
+# path is built only for the field that is refused.
 
 MAX_STRING_LENGTH = 8192  # any string; page.url and user_agent can be this long
 MAX_KEY_LENGTH = 256  # a key of a free-form object
@@ -142,6 +147,8 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 # fraction, which ISO 8601 (and fromisoformat) wants as a dot.
 _ADOBE_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}):(\d{1,6})(.*)", re.ASCII)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A tuple, not `int | float`: that expression builds a new union object at every call.
+_NUMBERS = (int, float)
 
 Cleaner = Callable[[Any, str], Any]
 
@@ -177,7 +184,10 @@ def normalise_event(
         if user:
             body["user"] = user
     for key, clean in _SECTIONS.items():
-        value = clean(raw.get(key), key)
+        section = raw.get(key)
+        if section is None:  # absent; every cleaner gives None for it
+            continue
+        value = clean(section, key)
         if value is not None:
             body[key] = value
     properties = body.get("properties")
@@ -240,7 +250,7 @@ def parse_timestamp(value: Any) -> int:
         if number is None:
             return _seconds_from_iso(text)
         value = number
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, _NUMBERS):
         raise ValueError("not a time")
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -271,8 +281,18 @@ def ttclid_from_url(url: str) -> str | None:
         query = urlsplit(url).query
     except ValueError:  # e.g. an unclosed "[" in the host
         return None
-    values = parse_qs(query).get("ttclid")
-    return values[0] if values and values[0].strip() else None
+    # The first ttclid as parse_qs reads it, without decoding every other parameter:
+    # a field with no "=" or an empty value is skipped; "+" is a space, %XX a byte.
+    for field in query.split("&"):
+        name, _, value = field.partition("=")
+        if value and (name == "ttclid" or (_encoded(name) and unquote_plus(name) == "ttclid")):
+            ttclid = unquote_plus(value)
+            return ttclid if ttclid.strip() else None
+    return None
+
+
+def _encoded(text: str) -> bool:
+    return "%" in text or "+" in text
 
 
 def _fill_ttclid_from_page(body: dict[str, Any]) -> None:
@@ -298,6 +318,8 @@ def _object(value: Any, field: str) -> dict[str, Any] | None:
 
 
 def _text(value: Any, field: str) -> str | None:
+    if type(value) is str and len(value) <= MAX_STRING_LENGTH:  # nearly every value
+        return value or None
     if value is None:
         return None
     if not isinstance(value, str):
@@ -309,7 +331,9 @@ def _text(value: Any, field: str) -> str | None:
 
 def _id_text(value: Any, field: str) -> str | None:
     """A string id; TikTok wants strings, so a JSON number becomes its digits."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if type(value) is str:
+        return _text(value, field)
+    if isinstance(value, _NUMBERS) and not isinstance(value, bool):
         number = _as_number(value)
         if number is None:
             raise InvalidEvent(field, "must be a string")
@@ -326,8 +350,15 @@ def _id_list(value: Any, field: str) -> list[str] | None:
         value = [value]  # a lone id is a list of one
     if len(value) > MAX_LIST_ITEMS:
         raise InvalidEvent(field, f"has more than {MAX_LIST_ITEMS} items")
-    ids = [_id_text(item, f"{field}.{index}") for index, item in enumerate(value)]
-    return [item for item in ids if item] or None
+    ids: list[str] = []
+    for index, item in enumerate(value):
+        try:
+            text = _id_text(item, "")
+        except InvalidEvent as exc:
+            raise exc.within(f"{field}.{index}") from None
+        if text:
+            ids.append(text)
+    return ids or None
 
 
 def _bool(value: Any, field: str) -> bool | None:
@@ -348,9 +379,14 @@ def _parse_number_text(text: str) -> int | float | None:
 
 def _as_number(value: Any) -> int | float | None:
     """A finite number in 64-bit range from a number or numeric string, else None."""
+    kind = type(value)  # exactly float or int, as JSON gives them: no bool, no subclass
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is int:
+        return value if _INT_MIN <= value <= _INT_MAX else None
     if isinstance(value, str):
         value = _parse_number_text(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, _NUMBERS):
         return None
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -371,6 +407,8 @@ def _money(value: Any, field: str) -> int | float | None:
 
 
 def _whole(value: Any, field: str) -> int | None:
+    if type(value) is int and _INT_MIN <= value <= _INT_MAX:  # nearly every value
+        return value
     if value is None or value == "":
         return None
     number = _as_number(value)
@@ -419,21 +457,33 @@ _ADVICE: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# One object's advice, in _ADVICE's order: (field, holds, the warning if not).
+Advice = tuple[tuple[str, Callable[[Any], bool], FieldWarning], ...]
+
+
+def _advice(typed: Mapping[str, Cleaner], path: str) -> Advice:
+    """The advice for an object whose fields `typed` cleans, found at `path`. Only
+    fields a typed cleaner produced: a free-form "price" could be anything."""
+    return tuple(
+        (key, holds, FieldWarning(f"{path}.{key}", reason))
+        for key, (holds, reason) in _ADVICE.items()
+        if key in typed
+    )
+
+
 def advise(properties: Mapping[str, Any], warnings: list[FieldWarning]) -> None:
     """Append a field warning for each cleaned property (and contents item field)
     outside what TikTok documents; the values themselves stay as they are."""
-    _advise_fields(properties, "properties", _PROPERTY_FIELDS, warnings)
+    _advise_fields(properties, _PROPERTY_ADVICE, warnings)
     for item in properties.get("contents") or ():
-        _advise_fields(item, "properties.contents", _ITEM_FIELDS, warnings)
+        _advise_fields(item, _ITEM_ADVICE, warnings)
 
 
-def _advise_fields(
-    fields: Mapping[str, Any], path: str, typed: Mapping[str, Cleaner], warnings: list[FieldWarning]
-) -> None:
-    # Only fields a typed cleaner produced: a free-form "price" could be anything.
-    for key, (holds, reason) in _ADVICE.items():
-        if key in fields and key in typed and not holds(fields[key]):
-            warnings.append(FieldWarning(f"{path}.{key}", reason))
+def _advise_fields(fields: Mapping[str, Any], advice: Advice, warnings: list[FieldWarning]) -> None:
+    for key, holds, warning in advice:
+        value = fields.get(key)  # a cleaned field is never None
+        if value is not None and not holds(value):
+            warnings.append(warning)
 
 
 def _advise_share_and_att(body: Mapping[str, Any], warnings: list[FieldWarning]) -> None:
@@ -454,7 +504,7 @@ def clean_value(value: Any, field: str, depth: int = 0) -> Any:
         return value
     if isinstance(value, str):
         return _text(value, field)
-    if isinstance(value, int | float):
+    if isinstance(value, _NUMBERS):
         number = _as_number(value)
         if number is None:
             raise InvalidEvent(field, "must be a finite number within 64 bits")
@@ -471,8 +521,15 @@ def clean_value(value: Any, field: str, depth: int = 0) -> Any:
 def _clean_list(value: list[Any], field: str, depth: int) -> list[Any] | None:
     if len(value) > MAX_LIST_ITEMS:
         raise InvalidEvent(field, f"has more than {MAX_LIST_ITEMS} items")
-    items = (clean_value(item, f"{field}.{i}", depth) for i, item in enumerate(value))
-    return [item for item in items if item is not None] or None
+    items: list[Any] = []
+    for index, item in enumerate(value):
+        try:
+            cleaned = clean_value(item, "", depth)
+        except InvalidEvent as exc:
+            raise exc.within(f"{field}.{index}") from None
+        if cleaned is not None:
+            items.append(cleaned)
+    return items or None
 
 
 def _fields(
@@ -490,12 +547,16 @@ def _fields(
     for key, item in value.items():
         if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH:
             raise InvalidEvent(path, f"keys must be strings of at most {MAX_KEY_LENGTH} characters")
-        if key in known:
-            cleaned = known[key](item, f"{path}.{key}")
-        elif keep_unknown:
-            cleaned = clean_value(item, f"{path}.{key}", depth)
-        else:
-            continue
+        clean = known.get(key)
+        try:
+            if clean is not None:
+                cleaned = clean(item, key)
+            elif keep_unknown:
+                cleaned = clean_value(item, key, depth)
+            else:
+                continue
+        except InvalidEvent as exc:
+            raise exc.within(path) from None
         if cleaned is not None:
             out[key] = cleaned
     return out
@@ -531,8 +592,15 @@ def _contents(value: Any, field: str) -> list[dict[str, Any]] | None:
         raise InvalidEvent(field, "must be a list of objects")
     if len(value) > MAX_CONTENTS:
         raise InvalidEvent(field, f"has more than {MAX_CONTENTS} items")
-    items = (_contents_item(item, f"{field}.{i}") for i, item in enumerate(value))
-    return [item for item in items if item is not None] or None
+    items: list[dict[str, Any]] = []
+    for index, item in enumerate(value):
+        try:
+            cleaned = _contents_item(item, "")
+        except InvalidEvent as exc:
+            raise exc.within(f"{field}.{index}") from None
+        if cleaned is not None:
+            items.append(cleaned)
+    return items or None
 
 
 _PROPERTY_FIELDS: dict[str, Cleaner] = {
@@ -545,6 +613,10 @@ _PROPERTY_FIELDS: dict[str, Cleaner] = {
     "order_id": _id_text,
     "shop_id": _id_text,
 }
+
+
+_PROPERTY_ADVICE = _advice(_PROPERTY_FIELDS, "properties")
+_ITEM_ADVICE = _advice(_ITEM_FIELDS, "properties.contents")
 
 
 def _properties(value: Any, field: str) -> dict[str, Any] | None:
@@ -561,8 +633,9 @@ def _lift_content_type(properties: dict[str, Any]) -> None:
     if not contents:
         return
     lifted = [item.pop("content_type") for item in contents if "content_type" in item]
-    if lifted:
-        properties.setdefault("content_type", lifted[0])
+    if not lifted:  # nothing moved (most events): no item can have become empty
+        return
+    properties.setdefault("content_type", lifted[0])
     contents = [item for item in contents if item]  # an item may have held only that
     if contents:
         properties["contents"] = contents

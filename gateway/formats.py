@@ -45,6 +45,9 @@ MAX_TEST_EVENT_CODE_LENGTH = 256
 # are made of, and nothing that could break a Redis key's {hash tag}.
 _PIXEL_CODE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CODE_LENGTH}}}")
 _BOM = b"\xef\xbb\xbf"
+# A body's brackets as "(" and ")", its quotes kept, every other byte deleted.
+_AS_NESTING = bytes.maketrans(b"{[}]", b"(())")
+_NOT_NESTING = bytes(sorted(set(range(256)) - set(b'{}[]"')))
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +131,35 @@ def _too_deep(max_depth: int) -> InvalidRequest:
 
 def _depth_exceeds(raw: bytes, doc: Any, max_depth: int) -> bool:
     # A body with fewer opening brackets than the limit cannot nest deeper (a beacon has
-    # a handful); only then are the parsed containers walked.
+    # a handful).
     if raw.count(b"{") + raw.count(b"[") <= max_depth:
         return False
+    nesting = _bracket_nesting(raw)
+    if nesting is not None:
+        for _ in range(max_depth):
+            # Each pass takes away the innermost level: "()" is a container holding none.
+            nesting = nesting.replace(b"()", b"")
+            if not nesting:
+                return False
+        return True
+    return _walk_exceeds(doc, max_depth)
+
+
+def _bracket_nesting(raw: bytes) -> bytes | None:
+    """The valid JSON body's brackets alone, "(" and ")", in C loops rather than a walk of
+    every parsed value; None when strings might hold brackets or quotes, so only a walk
+    can tell. UTF-8 never has these bytes inside a multi-byte character."""
+    if b"\\" in raw:  # an escaped quote would end a string early here
+        return None
+    # Without escapes a string runs from one quote to the next. If no string holds a
+    # bracket each is '""' here, and taking those away leaves no quote (a string that
+    # holds one keeps its quotes, a pair split by its bracket).
+    nesting = raw.translate(_AS_NESTING, _NOT_NESTING).replace(b'""', b"")
+    return None if b'"' in nesting else nesting
+
+
+def _walk_exceeds(doc: Any, max_depth: int) -> bool:
+    """Whether the parsed document nests deeper than `max_depth`."""
     # Iterative, so a deep document cannot exhaust the stack here either. orjson makes
     # exactly dicts and lists, so `type(...) is` will do (several times faster).
     stack: list[tuple[Any, int]] = [(doc, 1)] if type(doc) in (dict, list) else []
@@ -157,7 +186,10 @@ def parse_event_track(doc: Any, opts: ParseOptions) -> ParsedBody:
 
     def convert(raw: Any, warnings: list[FieldWarning], renames: Renames) -> Event:
         item = _event_object(raw)
-        item = dict(item, user=_with_user_aliases(item.get("user"), "user", renames))
+        user = item.get("user")
+        aliased = _with_user_aliases(user, "user", renames)
+        if aliased is not user:  # copied only when an alias moved (the body stays as sent)
+            item = dict(item, user=aliased)
         # Segment once sent test_event_code inside data[]; honour it there too.
         code = test_code or _test_event_code(item.get("test_event_code"), "test_event_code")
         event_body = _normalise(item, opts, warnings)
@@ -376,8 +408,13 @@ def _common_fields(raw: dict[str, Any], renames: Renames) -> dict[str, Any]:
     time_key = "timestamp" if raw.get("timestamp") not in (None, "") else "event_time"
     if time_key == "timestamp":
         renames.append(("event_time", "timestamp"))
-    keys = ("event", "event_id", "properties", "limited_data_use")
-    return {**{key: raw.get(key) for key in keys}, "event_time": raw.get(time_key)}
+    return {
+        "event": raw.get("event"),
+        "event_id": raw.get("event_id"),
+        "properties": raw.get("properties"),
+        "limited_data_use": raw.get("limited_data_use"),
+        "event_time": raw.get(time_key),
+    }
 
 
 def _sub_object(value: Any, field: str) -> dict[str, Any]:

@@ -168,10 +168,7 @@ async def browser_events(request: web.Request) -> web.Response:
         ttclid_cookie=_cookie_ttclid(request),
     )
     doc = _decode(await _read_beacon(request, settings))
-    options = _options(ctx, now)
-    options = dataclasses.replace(
-        options, max_events=min(options.max_events, settings.pixel_max_events)
-    )
+    options = _options(ctx, now, settings.pixel_max_events)
     parsed = _only_configured_pixels(
         ctx, formats.parse_browser(doc, options, browser), isinstance(doc, list)
     )
@@ -387,11 +384,14 @@ def _decode(raw: bytes) -> Any:
         raise InvalidJSON(exc.field, exc.reason) from None
 
 
-def _options(ctx: IngestContext, now: float) -> formats.ParseOptions:
+def _options(ctx: IngestContext, now: float, max_events: int | None = None) -> formats.ParseOptions:
+    """How to read a body received at `now`, with at most `max_events` if that is lower
+    than the deployment's limit."""
+    limit = ctx.settings.max_events_per_request
     return formats.ParseOptions(
         now=now,
         phone_region=ctx.settings.phone_region,
-        max_events=ctx.settings.max_events_per_request,
+        max_events=limit if max_events is None else min(limit, max_events),
     )
 
 

@@ -16,6 +16,7 @@ keys, not the event itself).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -24,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import phonenumbers
+from phonenumbers import PhoneMetadata, PhoneNumber, ValidationResult
 
 from gateway.errors import InvalidEvent
 from gateway.field_warnings import NO_COUNTRY_CODE, UNKNOWN_FIELD, UNPARSEABLE, FieldWarning
@@ -55,7 +57,7 @@ def sha256_hex(text: str) -> str:
 
 def is_sha256_hex(value: str) -> bool:
     """True when `value` already is a SHA-256 digest in hex (either case)."""
-    return _SHA256_HEX.fullmatch(value) is not None
+    return len(value) == 64 and _SHA256_HEX.fullmatch(value) is not None
 
 
 def _hash_unless_hashed(text: str) -> str:
@@ -85,6 +87,9 @@ def e164(value: str, region: str | None) -> str:
     A number without a country code is read in `region`; with no region it is
     dropped rather than guessed ("no_country_code").
     """
+    fast = e164_fast(value)
+    if fast is not None:
+        return fast
     try:
         number = phonenumbers.parse(value, region)
     except phonenumbers.NumberParseException as exc:
@@ -100,6 +105,69 @@ def e164(value: str, region: str | None) -> str:
         raise Dropped(UNPARSEABLE)
     formatted: str = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     return formatted
+
+
+# "+", the country code and the number with ASCII digits and the usual separators only:
+# what most clients send. Anything else (letters, dots, "ext", other scripts' digits, more
+# than 65 characters) is left to phonenumbers.
+_INTERNATIONAL = re.compile(r"\+[0-9][0-9 ()-]{0,63}")
+_COUNTRY_CODES = frozenset(str(code) for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+
+
+def e164_fast(text: str) -> str | None:
+    """The E.164 form of an already international number ("+1 415-555-0123"), or None
+    when phonenumbers must decide: the same answer, at a tenth of the cost.
+
+    Taken only where phonenumbers provably keeps the digits as they are: a known
+    country code, a national number that does not start with 0 and that the
+    country's national prefix does not match (so "+44 (0)20 ..." is left to it,
+    which drops the 0), and a length the country's plan calls possible.
+    """
+    if _INTERNATIONAL.fullmatch(text) is None:
+        return None
+    # Four C loops are cheaper than one str.translate, which maps character by character.
+    digits = text[1:].replace(" ", "").replace("-", "").replace("(", "").replace(")", "")
+    for size in (1, 2, 3):  # the shortest known code, as phonenumbers reads it
+        code = digits[:size]
+        if code in _COUNTRY_CODES:
+            break
+    else:
+        return None
+    rule = _national_rule(code)
+    national = digits[size:]
+    if rule is None or not national or national[0] == "0":
+        return None
+    lengths, national_prefix = rule
+    if len(national) not in lengths:
+        return None
+    if national_prefix is not None and national_prefix.match(national):
+        return None
+    return "+" + digits
+
+
+@functools.cache  # one entry per country code seen, of about 250
+def _national_rule(code: str) -> tuple[frozenset[int], re.Pattern[str] | None] | None:
+    """For a geographic country code: the national number lengths phonenumbers calls
+    possible (not merely "local only") and the pattern of the national prefix it would
+    strip. The same metadata phonenumbers.parse and is_possible_number read."""
+    country_code = int(code)
+    region = phonenumbers.region_code_for_country_code(country_code)
+    if region == phonenumbers.REGION_CODE_FOR_NON_GEO_ENTITY:
+        return None
+    metadata = PhoneMetadata.metadata_for_region_or_calling_code(country_code, region)
+    if metadata is None:
+        return None
+    # The check reads only the number's length; ones of each length stand for all.
+    lengths = frozenset(
+        size
+        for size in range(1, 18)
+        if phonenumbers.is_possible_number_with_reason(
+            PhoneNumber(country_code=country_code, national_number=int("1" * size))
+        )
+        == ValidationResult.IS_POSSIBLE
+    )
+    prefix = metadata.national_prefix_for_parsing
+    return lengths, re.compile(prefix) if prefix else None
 
 
 def _has_plus(value: str) -> bool:
@@ -179,6 +247,9 @@ def _raw(value: str) -> str | None:
 
 Normaliser = Callable[[str], str | None]
 
+# Neither a string nor a list of them (a tuple: `dict | float | bool` is built anew per call).
+_NOT_TEXT = (dict, float, bool)
+
 # Fields that may be one string or a list of strings (Events API 2.0).
 _LIST_FIELDS = ("email", "phone", "external_id")
 _SINGLE_FIELDS: dict[str, Normaliser] = {
@@ -212,25 +283,38 @@ def normalise_user(
     dropped with a field warning appended to `warnings` (named by the 2.0 path,
     "user.phone", whatever `path` the client sent it under).
     """
-    list_normalisers: dict[str, Normaliser] = {
-        "email": normalise_email,
-        "phone": lambda value: normalise_phone(value, region),
-        "external_id": normalise_external_id,
-    }
+    normalisers = _normalisers(region)
     user: dict[str, Any] = {}
     for key, value in raw.items():
-        field = f"{path}.{key}"
-        if key in list_normalisers:
-            cleaned = _list_or_string(value, field, list_normalisers[key], key, warnings)
-        elif key in _SINGLE_FIELDS:
-            cleaned = _single(value, field, _SINGLE_FIELDS[key], key, warnings)
-        else:
+        normalise = normalisers.get(key)
+        if normalise is None:
             # Unknown fields could hold raw PII that must not be stored.
             warnings.append(FieldWarning("user", UNKNOWN_FIELD))
             continue
+        cleaned: str | list[str] | None
+        try:
+            if type(value) is str and len(value) <= MAX_PII_LENGTH:  # nearly every value
+                cleaned = _apply(normalise, value, key, warnings)
+            elif key in _LIST_FIELDS:
+                cleaned = _list_or_string(value, key, normalise, key, warnings)
+            else:
+                cleaned = _single(value, key, normalise, key, warnings)
+        except InvalidEvent as exc:  # its path is built only now (events.py says why)
+            raise exc.within(path) from None
         if cleaned is not None:
             user[key] = cleaned
     return user
+
+
+@functools.lru_cache(maxsize=16)  # a deployment reads phones in one region
+def _normalisers(region: str | None) -> dict[str, Normaliser]:
+    """Every user field's normaliser, phone numbers read in `region`."""
+    return {
+        "email": normalise_email,
+        "phone": functools.partial(normalise_phone, region=region),
+        "external_id": normalise_external_id,
+        **_SINGLE_FIELDS,
+    }
 
 
 def _text(value: Any, field: str, key: str) -> str | None:
@@ -270,14 +354,17 @@ def _list_or_string(
 ) -> str | list[str] | None:
     """A string stays a string; a list stays a list, deduplicated, order kept."""
     if not isinstance(value, list):
-        if isinstance(value, dict | float | bool):
+        if isinstance(value, _NOT_TEXT):
             raise InvalidEvent(field, "must be a string or a list of strings")
         return _single(value, field, normalise, key, warnings)
     if len(value) > MAX_PII_ITEMS:
         raise InvalidEvent(field, f"has more than {MAX_PII_ITEMS} items")
     out: list[str] = []
     for index, item in enumerate(value):
-        cleaned = _single(item, f"{field}.{index}", normalise, key, warnings)
+        try:
+            cleaned = _single(item, "", normalise, key, warnings)
+        except InvalidEvent as exc:
+            raise exc.within(f"{field}.{index}") from None
         if cleaned is not None and cleaned not in out:
             out.append(cleaned)
     return out or None
