@@ -680,10 +680,21 @@ def wait_replicas_figures(results: dict[str, Any]) -> dict[str, Any]:
             f"gateway2-replicated-wait{wait}-saturation-server"
         )
         if phase is not None:
+            acked = phase["load"]["kinds"]["server"]["acked_events"]
+            cpu_s = phase["window"]["cpu_s"]
+
+            def per_1000(role: str, cpu_s: dict[str, float] = cpu_s, acked: int = acked) -> Any:
+                return round(cpu_s.get(role, 0.0) / acked * 1e6, 1) if acked else None
+
             rows[f"wait_replicas_{wait}"] = {
                 "events_per_s": phase["load"]["kinds"]["server"]["events_per_s"],
                 "latency_ms": _lat(phase, "server"),
                 "exactly_once": phase["delivery"]["exactly_once"],
+                # CPU per event holds better than events/s when six Redis nodes, two gateway
+                # processes and the load share two cores.
+                "gateway_cpu_ms_per_1000_events": per_1000(phase["target"]),
+                "redis_cpu_ms_per_1000_events": per_1000("cluster"),
+                "machine_busy_percent": phase["window"]["machine_busy_percent"],
             }
     return rows
 
