@@ -56,7 +56,8 @@ def _frame(raw: str) -> tuple[str, str]:
 def area(path: str) -> str:
     """What a file belongs to: a gateway module, a package, asyncio, or a stdlib module."""
     if path.startswith("gateway/"):
-        return "gateway." + Path(path).stem
+        # A package (gateway/store/) counts as one area, as its single module did.
+        return "gateway." + Path(path).parts[1].removesuffix(".py")
     if path == "bench/probe.py":
         return "bench.probe (the round-trip counter)"
     if path.startswith("bench/"):

@@ -126,7 +126,7 @@ async def test_scripts_are_loaded_on_every_primary(
     await redis_client.script_flush()
     store = Store(redis_client, shards=SHARDS)
     await store.load_scripts()
-    sha = store._scripts["claim"].sha
+    sha = store.runner.scripts["claim"].sha
     for url in redis_cluster.urls:
         node = connect(url)
         try:
@@ -264,7 +264,7 @@ async def test_one_primary_without_its_scripts_runs_them_from_source(
         await emptied.script_flush()
         assert await store.ack(claims, now + 1) == 60
         # The node keeps the script EVAL ran: the next call is an EVALSHA again.
-        assert await emptied.script_exists(store._scripts["ack"].sha) == [True]
+        assert await emptied.script_exists(store.runner.scripts["ack"].sha) == [True]
     finally:
         await emptied.aclose()
 
@@ -306,7 +306,7 @@ async def test_redis_errors_are_unavailable_not_crashes(
 ) -> None:
     store = Store(redis_client, shards=4)
     with pytest.raises(StoreUnavailable):
-        async with store._guard():
+        async with store.runner.guard():
             raise error
 
 

@@ -447,7 +447,7 @@ async def test_scripts_reload_after_a_restart_emptied_the_script_cache(
     gateway = await make_gateway(redis_url=own.url, merge_window=60.0, forward=False)
     forwarder = gateway.app[RESOURCES].forwarder
     assert forwarder is not None
-    shas = [script.sha for script in gateway.store._scripts.values()]
+    shas = [script.sha for script in gateway.store.runner.scripts.values()]
     for event_id in ("script-0", "script-1"):
         assert (await post_server(http, gateway.url, [server_event(event_id)]))["code"] == 0
 
@@ -474,7 +474,7 @@ async def test_scripts_reload_after_a_restart_emptied_the_script_cache(
         assert event["event_id"] == "script-0"
         assert event["user"]["ttp"] == TTP
         # The scripts that ran as EVAL are cached again: the next calls are EVALSHA.
-        scripts = gateway.store._scripts
+        scripts = gateway.store.runner.scripts
         ran = [scripts["claim"].sha, scripts["ack"].sha]
         assert await client.script_exists(*ran) == [True, True]
         state = await gateway.store.inspect(PIXEL, "script-0", "Purchase")

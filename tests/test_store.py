@@ -588,7 +588,7 @@ async def test_history_has_a_fixed_size_and_state_outlives_it(
     t0: float,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("gateway.store.HISTORY_READ_CHUNK", 7)  # a scan of many round trips
+    monkeypatch.setattr("gateway.store.reading.HISTORY_READ_CHUNK", 7)  # a scan of many round trips
     # The smallest history: HISTORY_MIN_PER_SHARD entries in each of the 4 shards.
     store = make_store(history=1)
     assert store.history_cap == HISTORY_MIN_PER_SHARD
@@ -685,7 +685,7 @@ async def test_scripts_reload_after_script_flush(
 async def test_load_scripts_after_flush(store: Store, redis_client: aioredis.Redis) -> None:
     await redis_client.script_flush()
     await store.load_scripts()
-    shas = [s.sha for s in store._scripts.values()]
+    shas = [s.sha for s in store.runner.scripts.values()]
     assert await redis_client.script_exists(*shas) == [True] * len(shas)
 
 
@@ -726,14 +726,14 @@ async def test_many_events_in_one_pipeline(
             expected.append("new")
 
     calls = 0
-    original = store._pipeline
+    original = store.runner._pipeline
 
     async def counting(batch: Any) -> list[Any]:
         nonlocal calls
         calls += 1
         return await original(batch)
 
-    monkeypatch.setattr(store, "_pipeline", counting)
+    monkeypatch.setattr(store.runner, "_pipeline", counting)
     results = await store.ingest(events, t0 + 1)
     assert calls == 1
     assert [r.status for r in results] == expected
