@@ -237,4 +237,3 @@ async def test_upgrade_from_the_previous_release_keeps_pending_remembered_and_de
     assert merged["user"]["ttp"] == TTP, merged  # from the pixel copy, before the upgrade
     assert merged["user"]["email"] == sha256(EMAIL), merged  # from the server copy, after
     assert "Traceback" not in old.log_text() + new.log_text()
-
