@@ -86,7 +86,8 @@ def previous_release_or_skip(into: Path) -> Path:
             # PYTHONPATH comes before the installed package: the process runs the old code.
             assert Path(imported.stdout.strip()).is_relative_to(into), imported.stdout
             return into
-        reason = f"commit {PREVIOUS_RELEASE} is not in this checkout ({archive.stderr.decode()!r})"
+        git_says = archive.stderr.decode().strip()
+        reason = f"commit {PREVIOUS_RELEASE} is not in this checkout ({git_says})"
     message = f"UPGRADE TEST NOT RUN: {reason}; it needs a full git clone"
     if os.environ.get("CI") == "true":
         pytest.fail(message)
