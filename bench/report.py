@@ -710,7 +710,7 @@ def render(r: dict[str, Any], json_path: Path) -> str:
         f"[{rel}](../{rel}).",
         "",
         f"Run of {meta['started']}, {meta['seconds']:.0f} s, gateway code "
-        f"`{meta['code_fingerprint']}` (SHA-256 of gateway/*.py), redis-server "
+        f"`{meta['code_fingerprint']}` (SHA-256 of gateway/**/*.py), redis-server "
         f"{meta['redis_version']} ({mem.get('mem_allocator', '?')}), Python "
         f"{meta['machine']['python']}, aiohttp {meta['machine']['aiohttp']}, "
         f"{meta['machine']['cpus']} cores. {meta['note']} Load average at the start: "
