@@ -33,6 +33,13 @@ from tests.conftest import free_port
 START_SECONDS = 30.0
 STOP_SECONDS = 15.0
 POLL_SECONDS = 0.05
+# Settings a process test wants so that forwarding and retries take moments, not seconds.
+FAST_FORWARDING = {
+    "GATEWAY_FORWARD_POLL_INTERVAL": "0.05",
+    "GATEWAY_RETRY_BASE": "0.05",
+    "GATEWAY_RETRY_CAP": "0.5",
+    "GATEWAY_UPSTREAM_RATE_LIMIT": "1000",
+}
 
 
 def environment(**variables: str) -> dict[str, str]:

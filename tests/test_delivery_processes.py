@@ -37,7 +37,7 @@ from tests.helpers import (
     sha256,
     wait_drained,
 )
-from tests.processes import GatewayProcess, Launcher, poll_until
+from tests.processes import FAST_FORWARDING, GatewayProcess, Launcher, poll_until
 from tests.tiktok_stub import Answer, RecordedRequest, TikTokStub
 
 SHARDS = 4
@@ -58,10 +58,7 @@ async def launcher(redis_url: str, tiktok: TikTokStub, tmp_path: Path) -> AsyncI
         GATEWAY_SHARDS=str(SHARDS),
         GATEWAY_MERGE_WINDOW="0.3",
         GATEWAY_DEDUP_WINDOW="60",
-        GATEWAY_FORWARD_POLL_INTERVAL="0.05",
-        GATEWAY_RETRY_BASE="0.05",
-        GATEWAY_RETRY_CAP="0.5",
-        GATEWAY_UPSTREAM_RATE_LIMIT="1000",
+        **FAST_FORWARDING,
         GATEWAY_PIXEL_RATE_BURST="1000",
     )
     yield launcher

@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 from tests.cluster import NODES, LocalCluster
 from tests.conftest import PIXEL, TOKEN
 from tests.helpers import server_event, wait_for
-from tests.processes import Launcher, poll_until, scraped
+from tests.processes import FAST_FORWARDING, Launcher, poll_until, scraped
 from tests.tiktok_stub import TikTokStub
 
 SOAK_SECONDS = float(os.environ.get("FAILOVER_SOAK_SECONDS", "0"))
@@ -94,10 +94,7 @@ async def launcher(tiktok: TikTokStub, tmp_path: Path) -> AsyncIterator[Launcher
         GATEWAY_DEDUP_WINDOW="600",
         GATEWAY_FORWARD_LEASE=str(LEASE),
         GATEWAY_FORWARD_BATCH_SIZE="500",
-        GATEWAY_FORWARD_POLL_INTERVAL="0.05",
-        GATEWAY_RETRY_BASE="0.05",
-        GATEWAY_RETRY_CAP="0.5",
-        GATEWAY_UPSTREAM_RATE_LIMIT="1000",
+        **FAST_FORWARDING,
     )
     yield launcher
     await launcher.close()

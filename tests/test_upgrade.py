@@ -42,7 +42,7 @@ from tests.helpers import (
     sha256,
     wait_for,
 )
-from tests.processes import Launcher, environment
+from tests.processes import FAST_FORWARDING, Launcher, environment
 from tests.tiktok_stub import TikTokStub
 
 # The last release before the current changes to the data in Redis. Move it forward at
@@ -108,10 +108,7 @@ async def launcher(redis_url: str, tiktok: TikTokStub, tmp_path: Path) -> AsyncI
         GATEWAY_SHARDS="4",
         GATEWAY_DEDUP_BUCKETS="64",
         GATEWAY_DEDUP_WINDOW="120",
-        GATEWAY_FORWARD_POLL_INTERVAL="0.05",
-        GATEWAY_RETRY_BASE="0.05",
-        GATEWAY_RETRY_CAP="0.5",
-        GATEWAY_UPSTREAM_RATE_LIMIT="1000",
+        **FAST_FORWARDING,
         GATEWAY_PIXEL_RATE_BURST="1000",
     )
     yield launcher
