@@ -384,7 +384,7 @@ TRAVERSALS = [
     "/open_api/v1.3/pixel/list/%3f/../../campaign/",
     "/open_api/v1.3/pixel/list/#/../../campaign/",
     "http://127.0.0.1/open_api/v1.3/pixel/list/",
-    "http://business-api.tiktok.com/open_api/v1.3/campaign/update/",
+    "http://upstream.invalid/open_api/v1.3/campaign/update/",  # an absolute URI as the target
 ]
 
 

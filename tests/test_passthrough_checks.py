@@ -144,7 +144,7 @@ def test_the_query_is_kept_as_sent_and_never_moves_the_path(path: str, query: st
         "/open_api",
         "//open_api/v1.3/pixel/list/",
         "open_api/v1.3/pixel/list/",
-        "http://business-api.tiktok.com/open_api/v1.3/pixel/list/",
+        "http://upstream.invalid/open_api/v1.3/pixel/list/",  # an absolute URI as the target
         "*",
         "",
     ],

@@ -80,7 +80,7 @@ def test_parses_every_documented_variable() -> None:
         ("GATEWAY_PASSTHROUGH_PATHS", "/open_api//v1.3/"),
         ("GATEWAY_PASSTHROUGH_PATHS", "/open_api/v1.3/%70ixel/"),
         ("GATEWAY_PASSTHROUGH_PATHS", "/open_api/v1.3/pixel/,"),
-        ("GATEWAY_PASSTHROUGH_PATHS", "https://business-api.tiktok.com/open_api/v1.3/"),
+        ("GATEWAY_PASSTHROUGH_PATHS", "https://upstream.invalid/open_api/v1.3/"),
         ("GATEWAY_DEBUG_HISTORY", "-1"),
         ("GATEWAY_DEBUG_HISTORY", "1e5"),
     ],
