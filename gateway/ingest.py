@@ -470,9 +470,8 @@ def _timeline(event: Event, now: float) -> bytes:
     }
     if len(names) > HISTORY_FIELDS_MAX:
         entry["fields_omitted"] = len(names) - HISTORY_FIELDS_MAX
-    if event.warnings:
-        # (field, reason) pairs of a fixed set: once each is enough, and bounded.
-        entry["warnings"] = [warning.as_dict() for warning in dict.fromkeys(event.warnings)]
+    if event.warnings:  # each (field, reason) once already, from a fixed set: bounded
+        entry["warnings"] = [warning.as_dict() for warning in event.warnings]
     return orjson.dumps(entry)
 
 
