@@ -132,6 +132,11 @@ async def test_copies_answered_by_different_workers_merge_into_one_forward(
     )  # fmt: skip
     workers = _worker_pids(gateway)
     assert len(workers) == WORKERS, gateway.log_text()
+
+    async def all_listening() -> bool:  # a worker is started before it has bound the port
+        return gateway.log_text().count("listening on http://") == WORKERS
+
+    await poll_until(all_listening, "every worker listening")
     sessions = await _one_session_per_worker(gateway.url, WORKERS)
     assert sorted(sessions) == sorted(workers)
     try:
