@@ -102,6 +102,7 @@ def make_store(client: RedisClient, settings: Settings) -> Store:
         dedup_buckets=settings.dedup_buckets,
         wait_replicas=settings.redis_wait_replicas,
         wait_timeout=settings.redis_wait_timeout,
+        lease=settings.forward_lease,
     )
 
 

@@ -1,13 +1,17 @@
-"""Claims due events from Redis, merges their copies, sends them to TikTok, records the outcome.
+"""Owns shards, merges their copies, sends due events to TikTok, records the outcome.
 
-The loop: claim (with a lease) -> merge each event's copies -> dead-letter the
-ones too old to send -> batch per (pixel, event source, test code) -> send ->
-acknowledge, retry later, or dead-letter. A batch TikTok rejects is split
-until the bad event is alone, so its batch-mates still arrive.
+Each shard has one owner at a time (a lease in Redis, renewed in the background;
+instances share the shards evenly). The loop: read the owned shards' logs -> absorb
+each copy into its shard's window (gateway/window.py: merged, or a duplicate) -> take
+the keys that fell due -> dead-letter the ones too old to send -> batch per (pixel,
+event source, test code) -> send -> commit each shard's outcome in one script call,
+which also trims its log. A batch TikTok rejects is split until the bad event is
+alone, so its batch-mates still arrive.
 
-Every decision about an event is a store script keyed by the claim token; an
-instance that dies mid-send loses nothing: its lease runs out and any
-instance claims the event again (TikTok's dedup on event_id absorbs a resend).
+An owner that dies loses nothing: every copy stays in its shard's log until the
+commit that resolves its key, and the next owner rebuilds the window from there. A
+key may go twice only when its owner dies (or loses its lease) between sending it and
+committing that; TikTok's dedup on event_id absorbs such a resend.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
+import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,18 +35,20 @@ from .events import dedup_name
 from .merge import merge_copies
 from .metrics import MATCH_KEYS, Metrics
 from .settings import Settings
-from .store import Claim, Store
+from .store import Store
 from .upstream import RATE_LIMIT_CODES, EventSender, Outcome, UpstreamResult, retry_delay
+from .window import Absorbed, PendingKey, ShardWindow
 
 log = logging.getLogger("gateway.forwarder")
-WAKE_LINGER = 0.05  # seconds a wake waits for more due events before claiming
+WAKE_LINGER = 0.05  # seconds a wake waits for more copies before reading
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One merged event ready to leave, with the claim that owns it."""
+    """One merged event ready to leave, with the window and key that own it."""
 
-    claim: Claim
+    window: ShardWindow
+    key: PendingKey
     pixel_code: str
     event_source: str
     test_event_code: str | None
@@ -51,18 +59,21 @@ class Outgoing:
         return (self.pixel_code, self.event_source, self.test_event_code)
 
 
-def build_outgoing(claim: Claim, default_test_code: str | None) -> Outgoing:
-    """Merge a claim's copies in arrival order; the first copy decides what it is."""
-    first = claim.copies[0]
+def build_outgoing(
+    window: ShardWindow, key: PendingKey, default_test_code: str | None
+) -> Outgoing:
+    """Merge a key's copies in arrival order; the first copy decides what it is."""
+    first = key.copies[0]
     test_code = next(
-        (c["test_event_code"] for c in claim.copies if c.get("test_event_code")), default_test_code
+        (c["test_event_code"] for c in key.copies if c.get("test_event_code")), default_test_code
     )
     return Outgoing(
-        claim=claim,
+        window=window,
+        key=key,
         pixel_code=first["pixel_code"],
         event_source=first.get("event_source") or "web",
         test_event_code=test_code,
-        body=merge_copies(c["body"] for c in claim.copies),
+        body=merge_copies(c["body"] for c in key.copies),
     )
 
 
@@ -83,7 +94,7 @@ class Pacer:
 
 
 class Forwarder:
-    """The background loop that moves due events from Redis to TikTok."""
+    """The background loop that owns shards and moves their due events to TikTok."""
 
     def __init__(
         self,
@@ -99,6 +110,12 @@ class Forwarder:
         self.metrics = metrics
         self.clock = clock
         self.pacer = Pacer(settings.upstream_rate_limit)
+        self.token = uuid.uuid4().hex  # this instance, in the shard leases
+        self.windows: dict[int, ShardWindow] = {}
+        self.failing: dict[int, float] = {}
+        """Owned shards whose last read or commit failed -> since when (Unix seconds)."""
+        self._failing_said = -math.inf
+        self._next_balance = 0.0
         self._wake = asyncio.Event()
         self._stopping = False
         self._limit = asyncio.Semaphore(settings.forward_concurrency)
@@ -107,66 +124,170 @@ class Forwarder:
         self._rate_limited: dict[str, int] = {}
 
     def wake(self) -> None:
-        """Look for due events now rather than at the next poll (a pair just completed)."""
+        """Read the logs now rather than at the next poll (copies were just appended)."""
         self._wake.set()
 
     async def run(self) -> None:
         """Forward until stopped; Redis outages are waited out, never fatal."""
+        renewing = asyncio.create_task(self._keep_leases(), name="shard-leases")
         failures = 0
-        while not self._stopping:
-            try:
-                forwarded = await self.forward_once()
-                failures = 0
-            except StoreUnavailable as exc:
-                failures += 1
-                self.metrics.redis_errors.inc()
-                if failures == 1 or failures % 50 == 0:
-                    log.warning("forwarder waiting for Redis: %s", exc)
-                forwarded = 0
-            except Exception:
-                log.exception("forwarder iteration failed")
-                forwarded = 0
-            self._report_unclaimable()
-            # A claim that took a whole batch may have left more due: claim again at once.
-            # Otherwise wait for the next poll, or a wake: under steady load events fall
-            # due all the time, and claiming them as they trickle in would send TikTok
-            # many small requests instead of a few large ones.
-            if forwarded < self.settings.forward_batch_size and not self._stopping:
-                await self._idle(min(self.settings.forward_poll_interval * (1 + failures), 5.0))
-
-    def _report_unclaimable(self) -> None:
-        failing = self.store.unclaimable
-        self.metrics.unclaimable_shards.set(len(failing))
-        since = min(failing.values(), default=None)
-        self.metrics.unclaimable_seconds.set(0.0 if since is None else self.clock() - since)
+        try:
+            while not self._stopping:
+                try:
+                    await self.balance()
+                    busy = await self.forward_once()
+                    failures = 0
+                except StoreUnavailable as exc:
+                    failures += 1
+                    self.metrics.redis_errors.inc()
+                    if failures == 1 or failures % 50 == 0:
+                        log.warning("forwarder waiting for Redis: %s", exc)
+                    busy = False
+                except Exception:
+                    log.exception("forwarder iteration failed")
+                    busy = False
+                self._report_failing()
+                if not busy and not self._stopping:
+                    await self._idle(self._idle_seconds(failures))
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            await asyncio.shield(self._let_go_all())
 
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
 
+    def _idle_seconds(self, failures: int) -> float:
+        """Until the next poll, or the next key due, whichever is first."""
+        poll = min(self.settings.forward_poll_interval * (1 + failures), 5.0)
+        dues = [d for d in (w.next_due() for w in self.windows.values()) if d is not None]
+        if dues:
+            poll = min(poll, max(0.0, min(dues) / 1000 - self.clock()))
+        return poll
+
     async def _idle(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
         if self._wake.is_set() and not self._stopping:
-            # Woken by a completed pair (or an event without event_id): a moment more lets
-            # the ones arriving meanwhile share this claim and this request to TikTok,
-            # rather than one request each.
+            # Woken by an ingest: a moment more lets the copies arriving meanwhile share
+            # this read and this request to TikTok, rather than one request each.
             await asyncio.sleep(min(WAKE_LINGER, seconds))
         self._wake.clear()
 
-    async def forward_once(self) -> int:
-        """Claim what is due and send it; returns how many events were claimed."""
+    # -- shard ownership ------------------------------------------------------------
+
+    async def balance(self) -> None:
+        """Own a fair share of the shards: take free ones, give back extra ones. Every
+        third of a lease, so a shard whose owner died is taken over within about a lease."""
         now = self.clock()
-        claims = await self.store.claim(
-            now, limit=self.settings.forward_batch_size, lease=self.settings.forward_lease
+        if now < self._next_balance:
+            return
+        self._next_balance = now + self._lease_step()
+        instances = await self.store.heartbeat(self.token, now)
+        share = math.ceil(self.store.shards / instances)
+        if len(self.windows) > share:
+            idle = [s for s, w in self.windows.items() if not _sending(w)]
+            extra = idle[: len(self.windows) - share]
+            for shard in extra:
+                del self.windows[shard]
+            await self.store.let_go(extra, self.token)
+            return
+        free = [s for s in range(self.store.shards) if s not in self.windows]
+        random.shuffle(free)  # instances starting together take different shards first
+        for shard in await self.store.acquire(free[: share - len(self.windows)], self.token):
+            await self._take_over(shard)
+
+    async def _take_over(self, shard: int) -> None:
+        """Start owning a shard: its predecessor's keys waiting for a retry, and its log
+        from the start (copies already counted rebuild the window silently)."""
+        await self.store.import_legacy(shard, self.token)
+        counted, retries = await self.store.take_over(shard)
+        window = ShardWindow(
+            shard=shard,
+            keys=self.store,
+            merge_window_ms=self.store.merge_window_ms,
+            dedup_window_ms=self.store.dedup_window_ms,
+            early_flush=self.store.early_flush,
+            history=self.store.keeps_history,
+            counted_id=counted,
         )
-        if not claims:
-            return 0
+        window.load_retries(retries)
+        self.windows[shard] = window
+        log.info("owning shard %d (%d key(s) waiting for a retry)", shard, len(retries))
+
+    async def _keep_leases(self) -> None:
+        """Renew the leases apart from the loop, so a slow send does not lose them."""
+        while True:
+            await asyncio.sleep(self._lease_step())
+            owned = list(self.windows)
+            try:
+                held = await self.store.renew(owned, self.token)
+            except StoreUnavailable:
+                continue
+            except Exception:
+                log.exception("renewing shard leases failed")
+                continue
+            for shard, ours in held.items():
+                if ours is False and self.windows.pop(shard, None) is not None:
+                    log.warning("shard %d is owned by another instance now; letting it go", shard)
+
+    def _lease_step(self) -> float:
+        return max(0.05, self.settings.forward_lease / 3)
+
+    async def _let_go_all(self) -> None:
+        shards = list(self.windows)
+        self.windows.clear()
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.let_go(shards, self.token)
+            await self.store.leave(self.token)
+
+    def _report_failing(self) -> None:
+        self.metrics.unclaimable_shards.set(len(self.failing))
+        since = min(self.failing.values(), default=None)
+        self.metrics.unclaimable_seconds.set(0.0 if since is None else self.clock() - since)
+
+    def _note_failing(self, failures: dict[int, Exception], shards: Sequence[int]) -> None:
+        """Keep `failing` up to date for the shards just tried, and say which fail, and
+        since when: when that changes, and once a minute while it lasts."""
+        now = self.clock()
+        recovered = [s for s in shards if s in self.failing and s not in failures]
+        if recovered:
+            since = min(self.failing[s] for s in recovered)
+            log.warning("shard(s) %s readable again, after %.1f s", _shard_list(recovered),
+                        now - since)  # fmt: skip
+            for shard in recovered:
+                del self.failing[shard]
+        fresh = [s for s in failures if s not in self.failing]
+        for shard in fresh:
+            self.failing[shard] = now
+        if failures and (fresh or time.monotonic() - self._failing_said > 60.0):
+            self._failing_said = time.monotonic()
+            failing = sorted(self.failing)
+            log.warning(
+                "cannot read %d of %d owned shards (%s) since %.1f s (%s); forwarding the others",
+                len(failing), len(self.windows), _shard_list(failing),
+                now - min(self.failing.values()), failures[failing[0]],
+            )  # fmt: skip
+
+    # -- one round --------------------------------------------------------------------
+
+    async def forward_once(self) -> bool:
+        """Read, merge, send what is due, commit; returns whether there was work."""
+        windows = dict(self.windows)
+        if not windows:
+            return False
+        absorbed = await self._read(windows)
+        now = self.clock()
+        outgoing: list[Outgoing] = []
+        for window in windows.values():
+            for key in window.take_due(int(now * 1000), self.settings.forward_batch_size):
+                outgoing.append(build_outgoing(window, key, self.settings.test_event_code))
         batches: dict[tuple[str, str, str | None], list[Outgoing]] = {}
-        for claim in claims:
-            item = build_outgoing(claim, self.settings.test_event_code)
+        for item in outgoing:
             if now - item.body.get("event_time", now) > self.settings.max_event_age:
-                await self._dead_letter(item, "too_old", None, "older than GATEWAY_MAX_EVENT_AGE")
+                self._dead_letter(item, "too_old", None, "older than GATEWAY_MAX_EVENT_AGE")
                 continue
             batches.setdefault(item.batch_key, []).append(item)
         size = self.settings.forward_batch_size
@@ -176,20 +297,87 @@ class Forwarder:
         try:
             await asyncio.gather(*(self._send_limited(chunk) for chunk in chunks))
         except asyncio.CancelledError:
-            # Shutting down mid-send: hand back what was not acknowledged, so another
-            # instance sends it now rather than after the lease.
-            entry = _timeline("released", self.clock(), why="shutdown")
-            await asyncio.shield(self.store.release(claims, self.clock(), entry))
+            # Stopping mid-send: what was not recorded goes to the next owner, who
+            # sends it again (TikTok's dedup absorbs a copy that did arrive).
+            for item in outgoing:
+                if item.key.state == "sending":
+                    item.window.release(item.key)
             raise
-        return len(claims)
+        await self._commit(windows)
+        return absorbed > 0 or bool(outgoing)
+
+    async def _read(self, windows: dict[int, ShardWindow]) -> int:
+        """Read every owned log once and absorb what is new; returns the copies read."""
+        found = await self.store.read({s: w.read_id for s, w in windows.items()})
+        failures = {s: r for s, r in found.items() if isinstance(r, Exception)}
+        self._note_failing(failures, list(windows))
+        entries = {s: r for s, r in found.items() if not isinstance(r, Exception) and r}
+        if not entries:
+            return 0
+        unknown = {s: windows[s].unknown(e) for s, e in entries.items()}
+        remembered = await self.store.remembered(unknown)
+        now_ms = int(self.clock() * 1000)
+        absorbed: list[Absorbed] = []
+        for shard, shard_entries in entries.items():
+            absorbed += windows[shard].absorb(shard_entries, remembered, now_ms)
+        self._count_absorbed(absorbed)
+        return sum(len(e.copies) for es in entries.values() for e in es)
+
+    def _count_absorbed(self, absorbed: Sequence[Absorbed]) -> None:
+        tally: collections.Counter[tuple[str, str]] = collections.Counter()
+        debug = log.isEnabledFor(logging.DEBUG)
+        for a in absorbed:
+            tally[self._pixel_label(a.copy["pixel_code"]), a.outcome] += 1
+            if debug:
+                body = a.copy["body"]
+                log.debug(
+                    "%s %s event %s for pixel %s: %s",
+                    a.copy.get("source"), body.get("event"), body.get("event_id"),
+                    a.copy["pixel_code"], a.outcome,
+                    extra={"pixel": a.copy["pixel_code"], "event": body.get("event"),
+                           "event_id": body.get("event_id"), "source": a.copy.get("source"),
+                           "outcome": a.outcome},
+                )  # fmt: skip
+        for (pixel, outcome), count in tally.items():
+            if outcome in ("merged", "complete"):
+                self.metrics.merged.labels(pixel).inc(count)
+            elif outcome == "duplicate":
+                self.metrics.duplicates.labels(pixel).inc(count)
+
+    async def _commit(self, windows: dict[int, ShardWindow]) -> None:
+        """Record every changed shard in one pipeline; a shard found to be another's is
+        let go (its next owner rebuilds from the log)."""
+        commits = [c for w in windows.values() if (c := w.take_commit()) is not None]
+        if not commits:
+            return
+        try:
+            results = await asyncio.shield(self.store.commit(self.token, commits))
+        except StoreUnavailable:
+            # Unknown whether it was written: start these shards over from Redis.
+            for c in commits:
+                self.windows.pop(c.shard, None)
+            await self.store.let_go([c.shard for c in commits], self.token)
+            raise
+        for c in commits:
+            letters = results.get(c.shard)
+            if letters is None:
+                if self.windows.pop(c.shard, None) is not None:
+                    log.warning("shard %d is owned by another instance now; letting it go",
+                                c.shard)  # fmt: skip
+                continue
+            for reason in _dead_reasons(c.dead):
+                self.metrics.dead_lettered.labels(reason).inc()
 
     async def _send_limited(self, items: list[Outgoing]) -> None:
         async with self._limit:
             try:
                 await self._send(items)
-            except StoreUnavailable as exc:
-                # The send happened or not; the lease brings the events back either way.
-                log.warning("could not record a batch's outcome, it will be retried: %s", exc)
+            except Exception:
+                # A bug, not TikTok's answer (its failures are outcomes): try again later.
+                log.exception("sending a batch for pixel %s failed", items[0].pixel_code)
+                for item in items:
+                    if item.key.state == "sending":
+                        item.window.release(item.key)
 
     async def _send(self, items: Sequence[Outgoing]) -> None:
         first = items[0]
@@ -197,7 +385,7 @@ class Forwarder:
         batch = uuid.uuid4().hex[:12]
         found = self.senders(first.pixel_code)
         if found is None:
-            await self._dead_letter_all(items, "auth", None, "pixel no longer configured", batch)
+            self._dead_letter_all(items, "auth", None, "pixel no longer configured", batch)
             return
         sender, token = found
         await self.pacer.wait(first.pixel_code)
@@ -225,7 +413,7 @@ class Forwarder:
                 first.pixel_code, result.code, result.message,
                 extra=_batch_fields(items, batch, "auth", result),
             )
-            await self._dead_letter_all(items, "auth", result.code, result.message, batch)
+            self._dead_letter_all(items, "auth", result.code, result.message, batch)
         else:
             await self._rejected(items, result, batch)
 
@@ -233,14 +421,14 @@ class Forwarder:
         self, items: Sequence[Outgoing], result: UpstreamResult, batch: str
     ) -> None:
         now = self.clock()
-        # Counted before the acknowledgement: TikTok has the events whatever happens to
-        # our bookkeeping, and anyone who sees the key marked sent also sees the counts.
+        # Counted before the commit: TikTok has the events whatever happens to our
+        # bookkeeping, and anyone who sees the key remembered also sees the counts.
         self._count_delivered(items, now)
-        entry = _timeline("forwarded", now, request_id=result.request_id, code=result.code,
-                          batch=batch, batch_size=len(items))
-        await asyncio.shield(
-            self.store.ack([i.claim for i in items], now, result.request_id or "", entry)
-        )
+        record = _record("forwarded", now, request_id=result.request_id, code=result.code,
+                         batch=batch, batch_size=len(items))  # fmt: skip
+        now_ms = int(now * 1000)
+        for item in items:
+            item.window.delivered(item.key, now_ms, {**record, "attempts": item.key.attempts})
         log.info(
             "forwarded %d event(s) for pixel %s (request_id %s)",
             len(items), items[0].pixel_code, result.request_id,
@@ -254,11 +442,11 @@ class Forwarder:
         match_keys: collections.Counter[str] = collections.Counter()
         keys: collections.Counter[tuple[str, str]] = collections.Counter()
         for item in items:
-            self.metrics.merge_wait.observe(max(0.0, now - item.claim.first_seen))
+            self.metrics.merge_wait.observe(max(0.0, now - item.key.first_seen_ms / 1000))
             user = item.body.get("user") or {}
             match_keys.update(key for key in MATCH_KEYS if user.get(key))
-            sources = self.metrics.pair_label(item.claim.sources)
-            if item.claim.dedup and sources is not None:
+            sources = self.metrics.pair_label(item.key.source_set)
+            if item.key.dedup and sources is not None:
                 name = dedup_name(str(item.body.get("event")), self.settings.legacy_aliases)
                 keys[self.metrics.event_label(name), sources] += 1
         for key, count in match_keys.items():
@@ -267,7 +455,7 @@ class Forwarder:
             self.metrics.forwarded_keys.labels(pixel, event, sources).inc(count)
 
     async def _retry(self, items: Sequence[Outgoing], result: UpstreamResult, batch: str) -> None:
-        attempt = max(i.claim.attempts for i in items)
+        attempt = max(i.key.attempts for i in items)
         delay = retry_delay(
             result,
             attempt,
@@ -276,10 +464,12 @@ class Forwarder:
             rate_limits=self._rate_limited.get(items[0].pixel_code, 0),
         )
         now = self.clock()
-        entry = _timeline("retry", now, code=result.code, http_status=result.http_status,
-                          message=result.message, retry_in=round(delay, 3), batch=batch,
-                          attempt=attempt)
-        await asyncio.shield(self.store.release([i.claim for i in items], now + delay, entry))
+        record = _record("retry", now, code=result.code, http_status=result.http_status,
+                         message=result.message, retry_in=round(delay, 3), batch=batch,
+                         attempt=attempt)  # fmt: skip
+        due_ms = int((now + delay) * 1000)
+        for item in items:
+            item.window.retry(item.key, due_ms, record)
         self.metrics.forward_retries.inc(len(items))
         log.warning(
             "TikTok send failed for pixel %s (http %s, code %s: %s); %d event(s) retry in %.1fs",
@@ -293,7 +483,7 @@ class Forwarder:
     ) -> None:
         """Split a rejected batch until the bad event is alone; send the rest."""
         if len(items) == 1:
-            await self._dead_letter(items[0], "rejected", result.code, result.message, batch)
+            self._dead_letter(items[0], "rejected", result.code, result.message, batch)
             return
         bad = result.bad_event_index
         if bad is not None and 0 <= bad < len(items):
@@ -304,7 +494,7 @@ class Forwarder:
         for part in parts:
             await self._send(part)
 
-    async def _dead_letter_all(
+    def _dead_letter_all(
         self,
         items: Sequence[Outgoing],
         reason: str,
@@ -313,9 +503,9 @@ class Forwarder:
         batch: str | None = None,
     ) -> None:
         for item in items:
-            await self._dead_letter(item, reason, code, message, batch)
+            self._dead_letter(item, reason, code, message, batch)
 
-    async def _dead_letter(
+    def _dead_letter(
         self,
         item: Outgoing,
         reason: str,
@@ -323,6 +513,7 @@ class Forwarder:
         message: str,
         batch: str | None = None,
     ) -> None:
+        """Move an event to the dead letters, at its shard's next commit."""
         now = self.clock()
         letter = {
             "reason": reason,
@@ -331,37 +522,52 @@ class Forwarder:
             "pixel_code": item.pixel_code,
             "event_source": item.event_source,
             "test_event_code": item.test_event_code,
-            "first_seen": item.claim.first_seen,
+            "first_seen": item.key.first_seen_ms / 1000,
             "dead_lettered_at": now,
-            "attempts": item.claim.attempts,
-            "dedup": item.claim.dedup,
+            "attempts": item.key.attempts,
+            "dedup": item.key.dedup,
             "event": item.body,
         }
-        entry = _timeline("dead_lettered", now, reason=reason, code=code, message=message,
-                          **({"batch": batch} if batch else {}))
-        stored = await asyncio.shield(self.store.dead_letter(item.claim, letter, now, entry))
-        if stored is not None:
-            self.metrics.dead_lettered.labels(reason).inc()
-            log.warning(
-                "dead-lettered %s event %s for pixel %s: %s (code %s)",
-                item.body.get("event"), item.body.get("event_id"), item.pixel_code, message, code,
-                extra={
-                    "pixel": item.pixel_code,
-                    "event": item.body.get("event"),
-                    "event_id": item.body.get("event_id"),
-                    "outcome": "dead_lettered",
-                    "reason": reason,
-                    "code": code,
-                    **({"batch": batch} if batch else {}),
-                },
-            )
+        record = _record("dead_lettered", now, reason=reason, code=code, message=message,
+                         attempts=item.key.attempts)  # fmt: skip
+        if batch:
+            record["batch"] = batch
+        item.window.dead(item.key, orjson.dumps(letter), int(now * 1000), record)
+        log.warning(
+            "dead-lettered %s event %s for pixel %s: %s (code %s)",
+            item.body.get("event"), item.body.get("event_id"), item.pixel_code, message, code,
+            extra={
+                "pixel": item.pixel_code,
+                "event": item.body.get("event"),
+                "event_id": item.body.get("event_id"),
+                "outcome": "dead_lettered",
+                "reason": reason,
+                "code": code,
+                **({"batch": batch} if batch else {}),
+            },
+        )
 
     def _pixel_label(self, pixel_code: str) -> str:
         return self.metrics.pixel_label(pixel_code, self.settings.pixels)
 
 
-def _timeline(outcome: str, at: float, **fields: Any) -> bytes:
-    return orjson.dumps({"outcome": outcome, "at": round(at, 3), **fields})
+def _record(outcome: str, at: float, **fields: Any) -> dict[str, Any]:
+    """A history record of an attempt (see ShardWindow._note)."""
+    return {"outcome": outcome, "at": round(at, 3), **fields}
+
+
+def _dead_reasons(dead: Sequence[tuple[str, bytes]]) -> list[str]:
+    return [str(orjson.loads(letter)["reason"]) for _member, letter in dead]
+
+
+def _sending(window: ShardWindow) -> bool:
+    return any(key.state == "sending" for key in window.pending.values())
+
+
+def _shard_list(shards: Sequence[int]) -> str:
+    """Shards for a log line: 1, 4, 7 (the first twenty, and how many more)."""
+    listed = ", ".join(str(shard) for shard in shards[:20])
+    return listed if len(shards) <= 20 else f"{listed} and {len(shards) - 20} more"
 
 
 def _batch_fields(

@@ -43,7 +43,7 @@ from .forwarder import Forwarder
 from .metrics import Metrics
 from .pii import is_plain_ipv4
 from .settings import Settings
-from .store import IngestResult, IngestStatus, Store
+from .store import Store
 
 log = logging.getLogger("gateway.ingest")
 
@@ -212,10 +212,6 @@ def rate_key(address: str | None) -> str:
 TTCLID_COOKIE = "ttclid"
 TTCLID_COOKIE_MAX_AGE = 30 * 24 * 3600  # as TikTok's own server-side tag sets it
 _MAX_TTCLID = 1000
-# A history entry names at most this many fields, each cut to this length: the history's
-# budget is a number of entries, so an entry must not grow with what a client sends.
-HISTORY_FIELDS_MAX = 64
-HISTORY_NAME_MAX = 80
 
 
 def remember_click(
@@ -405,9 +401,8 @@ async def _store_and_answer(
         if first is None:
             raise InvalidRequest("", "no events in the request")
         raise InvalidEvent(first.field, first.message)
-    history = [_timeline(e, now) for e in parsed.events] if ctx.store.keeps_history else None
-    results = await ctx.store.ingest(parsed.events, now, history)
-    _count_results(ctx, parsed.events, results)
+    await ctx.store.ingest(parsed.events, now)
+    _count_accepted(ctx, parsed.events)
     if not parsed.refused:
         return envelope(request)
     failed = [{"index": r.index, "field": r.field, "message": r.message} for r in parsed.refused]
@@ -420,69 +415,22 @@ async def _store_and_answer(
     )
 
 
-def _count_results(
-    ctx: IngestContext, events: Sequence[Event], results: Sequence[IngestResult]
-) -> None:
+def _count_accepted(ctx: IngestContext, events: Sequence[Event]) -> None:
+    """Count what was stored (what each copy turns out to be, the shard's owner counts)
+    and wake this instance's forwarder: it may own the shards just written to."""
     metrics, configured = ctx.metrics, ctx.settings.pixels
-    # Tallied first: a batch of 100 events updates a few counters, not 200.
-    outcomes: collections.Counter[tuple[Source, str, IngestStatus]] = collections.Counter()
-    wake = False
-    debug = log.isEnabledFor(logging.DEBUG)
-    for event, result in zip(events, results, strict=True):
+    # Tallied first: a batch of 100 events updates a few counters, not 100.
+    received: collections.Counter[tuple[Source, str]] = collections.Counter()
+    for event in events:
         pixel = metrics.pixel_label(event.pixel_code, configured)
-        outcomes[event.source, pixel, result.status] += 1
+        received[event.source, pixel] += 1
         for warning in event.warnings:  # counted once stored: a refused request counts none
             metrics.field_warnings.labels(pixel, warning.field, warning.reason).inc()
             ctx.warning_log.note(pixel, event.pixel_code, warning)
-        wake = wake or result.status == "complete" or (
-            result.status == "new" and event.event_id is None
-        )
-        if debug:
-            log.debug(
-                "%s %s event %s for pixel %s: %s",
-                event.source, event.name, event.event_id, event.pixel_code, result.status,
-                extra={
-                    "pixel": event.pixel_code,
-                    "event": event.name,
-                    "event_id": event.event_id,
-                    "source": event.source,
-                    "outcome": result.status,
-                },
-            )
-    for (source, pixel, status), count in outcomes.items():
+    for (source, pixel), count in received.items():
         metrics.received.labels(source, pixel).inc(count)
-        if status in ("merged", "complete"):
-            metrics.merged.labels(pixel).inc(count)
-        elif status == "duplicate":
-            metrics.duplicates.labels(pixel).inc(count)
-    if wake and ctx.forwarder is not None:
+    if ctx.forwarder is not None:
         ctx.forwarder.wake()
-
-
-def _timeline(event: Event, now: float) -> bytes:
-    """A history entry naming the fields a copy brought and its field warnings, never values;
-    of bounded size (see HISTORY_FIELDS_MAX)."""
-    names = field_names(event.body)
-    entry: dict[str, Any] = {
-        "at": round(now, 3),
-        "source": event.source,
-        "fields": [name[:HISTORY_NAME_MAX] for name in names[:HISTORY_FIELDS_MAX]],
-    }
-    if len(names) > HISTORY_FIELDS_MAX:
-        entry["fields_omitted"] = len(names) - HISTORY_FIELDS_MAX
-    if event.warnings:  # each (field, reason) once already, from a fixed set: bounded
-        entry["warnings"] = [warning.as_dict() for warning in event.warnings]
-    return orjson.dumps(entry)
-
-
-def field_names(body: dict[str, Any], prefix: str = "") -> list[str]:
-    names: list[str] = []
-    for key, value in body.items():
-        if isinstance(value, dict) and key != "contents":
-            names.extend(field_names(value, f"{prefix}{key}."))
-        else:
-            names.append(prefix + key)
-    return names
 
 
 # -- operations ------------------------------------------------------------------

@@ -3,14 +3,14 @@
     keys.py      every key shape and the layout that places keys (the key table)
     scripts.py   the Lua scripts, each with its KEYS/ARGV/returns contract
     runner.py    pipelines, batching, cluster routing, replicas, Redis errors
-    state.py     the state changes (`Store`): ingest, claim, ack, release, dead letters, ...
+    state.py     the state changes (`Store`): ingest, leases, reads, commits, dead letters, ...
     reading.py   counts, backlog, dead letters, one key's state and timeline
 """
 
 from .keys import DEBUG_HISTORY, HISTORY_MIN_PER_SHARD, HISTORY_READ_CHUNK, LAYOUT_KEY, Keys
 from .reading import Backlog, DeadLetter
 from .runner import BATCH_CALL_MAX, BatchItem, RedisClient, Runner, connect
-from .state import Claim, IngestResult, IngestStatus, Store
+from .state import Commit, LogEntry, Store
 
 __all__ = [
     "BATCH_CALL_MAX",
@@ -20,11 +20,10 @@ __all__ = [
     "LAYOUT_KEY",
     "Backlog",
     "BatchItem",
-    "Claim",
+    "Commit",
     "DeadLetter",
-    "IngestResult",
-    "IngestStatus",
     "Keys",
+    "LogEntry",
     "RedisClient",
     "Runner",
     "Store",

@@ -2,41 +2,43 @@
 
 One event key is `(pixel, dedup name, event_id)`, written as the *member*
 `PIXEL:NAME:EVENT_ID`. Each member belongs to one of `shards` hash slots,
-`tkgw:{N}:`, chosen by CRC32; everything about a member and its shard's due
-queue shares that hash tag, so every script touches one slot and works on a
-Redis Cluster, and no global key becomes a hot spot.
+`tkgw:{N}:`, chosen by CRC32; everything about a shard shares that hash tag, so
+every script touches one slot and works on a Redis Cluster.
 
-Keys of shard N (the only place key shapes are written):
+The store is log-structured. Ingest appends each accepted copy to its shard's log
+and answers; one instance at a time owns a shard (a lease), reads its log, holds
+the merge window in memory, forwards, and records the outcome in one script call
+per batch. Keys of shard N:
 
-    tkgw:{N}:due          ZSET  member -> due time (ms). The forwarder's queue; a claim
-                                moves the score to the lease's end, so an unacknowledged
-                                claim simply becomes due again (no separate lease list).
-    tkgw:{N}:k:<member>   HASH  a pending key's state (see INGEST); no TTL. Deleted when
-                                the event leaves: from then on only its fingerprint remains.
-    tkgw:{N}:c:<member>   LIST  the copies received (JSON), merged by the forwarder;
-                                deleted when the event leaves.
+    tkgw:{N}:log          STREAM the copies accepted and not yet resolved. One entry per
+                                ingest call and shard: field = member, value = the copy
+                                (JSON), as many pairs as copies. The owner trims it
+                                (XTRIM MINID) up to the oldest copy of a key still open.
+    tkgw:{N}:owner        STRING the owner's token; expires after GATEWAY_FORWARD_LEASE
+                                unless renewed. Only the owner's scripts change the shard.
+    tkgw:{N}:meta         HASH  the owner's bookkeeping: `seen` (the last log entry it
+                                has counted), `pending` (keys open in its window), `due`
+                                (the earliest due time, ms, or 0), `at` (when written, ms).
+    tkgw:{N}:retry        HASH  member -> a key whose send failed: its merged copy, first
+                                seen, sources, attempts and next due time (JSON). Kept
+                                out of the log, so a key that waits does not pin it.
     tkgw:{N}:r:<B>        HASH  remembered keys: 8-byte fingerprint -> Unix second at which
                                 the key is forgotten (first copy + dedup window), negated
                                 for a dead-lettered key. B is a bucket of the fingerprint.
-                                Redis stores small hashes packed (ziplist/listpack), so a
-                                remembered key costs about 20 bytes instead of a key of its
-                                own (~190 bytes). Entries past their second are removed by
+                                Redis stores small hashes packed (listpack), so a
+                                remembered key costs about 14 bytes instead of a key of its
+                                own (~140 bytes). Entries past their second are removed by
                                 SWEEP; a lookup ignores them meanwhile.
-    tkgw:{N}:h            STREAM the shard's debug history, what /debug and `inspect` show:
-                                one entry per copy, retry, forward, dead letter, replay or
-                                dropped duplicate, fields m (member) and e (the entry, JSON:
-                                outcome, time, field names, never values). Capped (XADD
-                                MAXLEN ~) at the history's share of this shard, so its
-                                memory is a fixed budget whatever the traffic.
-    tkgw:{N}:t:<member>   LIST  a key's timeline as versions before the history wrote it;
-                                none is written now. Deleted when its key leaves, and each
-                                expires by its own TTL once its key was forwarded.
+    tkgw:{N}:hist         LIST  the shard's debug history, newest first, what /debug and
+                                `inspect` show: one JSON record per copy, retry, forward,
+                                dead letter, replay or dropped duplicate (member, outcome,
+                                time, field names, never values). Written by the owner a
+                                batch at a time and cut to its share of
+                                GATEWAY_DEBUG_HISTORY: a fixed budget whatever the traffic.
     tkgw:{N}:dead         STREAM dead letters: the merged event, TikTok's code and message.
 
-States of a pending key: open (merging) -> claimed (being sent) -> gone and
-remembered, or retry (a send failed; waits for its next attempt). Only an
-open key takes new copies; a copy of a key in any other state, or of a
-remembered key, is a duplicate.
+A copy of a key that is open in the owner's window is merged; of a key being sent,
+waiting for a retry, or remembered, it is a duplicate.
 
 Fingerprints are 64 bits of BLAKE2b of the member, in a bucket chosen by 16
 further bits: two keys collide, and the later is wrongly dropped, with
@@ -47,14 +49,20 @@ The browser endpoint's rate limit (see RATE_LIMIT), in the shard of the client a
 
     tkgw:{N}:rl:<client>  STRING one client address's (an IPv6 /64's) theoretical arrival
                                 time in ms (GCRA). Shared, so the limit holds across gateway
-                                instances. Expires when its burst is whole again: an idle
-                                client costs nothing.
+                                instances. Expires when its burst is whole again.
 
 Shared by every shard:
 
-    tkgw:layout           STRING the shards and dedup buckets of the first instance to
-                                start on this Redis. An instance with others refuses to
-                                start: it would look for every key in the wrong place.
+    tkgw:layout           STRING the shards, dedup buckets and store design of the first
+                                instance to start on this Redis. An instance with others
+                                refuses to start: it would look for every key in the wrong
+                                place.
+    tkgw:instances        ZSET  instance id -> when its heartbeat expires (ms): how many
+                                instances share the shards, so each owns its fair share.
+
+The previous design's keys (`due`, `k:`, `c:`, `t:`, `h`: pending keys in hashes and
+lists, a per-shard due queue) are read once by IMPORT_LEGACY when a shard is first
+owned, and deleted; see LEGACY_LAYOUT.
 """
 
 from __future__ import annotations
@@ -66,11 +74,10 @@ import zlib
 from ..events import Event, Source, dedup_name
 
 LAYOUT_KEY = "tkgw:layout"
-DEBUG_HISTORY = 100_000  # history entries kept over all shards, by default
-# Entries kept a shard at least: Redis trims a capped stream by whole nodes of 100 entries
-# (stream-node-max-entries), so a smaller cap would not hold.
-HISTORY_MIN_PER_SHARD = 100
-HISTORY_READ_CHUNK = 1000  # entries a history scan reads a round trip
+INSTANCES_KEY = "tkgw:instances"
+DEBUG_HISTORY = 10_000  # history records kept over all shards, by default (about 2 MB)
+HISTORY_MIN_PER_SHARD = 10  # records kept a shard at least, when the history is on
+HISTORY_READ_CHUNK = 1000  # records a history scan reads a round trip
 SOURCE_BITS: dict[Source, int] = {"pixel": 1, "server": 2}
 BOTH_SOURCES = 3
 
@@ -111,18 +118,22 @@ class Keys:
     def prefix(shard: int) -> str:
         return f"tkgw:{{{shard}}}:"
 
-    def due_key(self, shard: int) -> str:
-        """The shard's due queue (the forwarder's zset)."""
-        return f"{self.prefix(shard)}due"
+    def log_key(self, shard: int) -> str:
+        """The shard's log of accepted copies."""
+        return f"{self.prefix(shard)}log"
 
-    def keys_of(self, member: str) -> tuple[str, str, str]:
-        """Key hash, copies list and due zset of a member."""
-        p = self.prefix(self.shard_of(member))
-        return f"{p}k:{member}", f"{p}c:{member}", f"{p}due"
+    def owner_key(self, shard: int) -> str:
+        return f"{self.prefix(shard)}owner"
+
+    def meta_key(self, shard: int) -> str:
+        return f"{self.prefix(shard)}meta"
+
+    def retry_key(self, shard: int) -> str:
+        return f"{self.prefix(shard)}retry"
 
     def history_key(self, shard: int) -> str:
-        """The shard's capped debug history stream (see scripts.HISTORY_ADD)."""
-        return f"{self.prefix(shard)}h"
+        """The shard's debug history, a list cut to `history_cap` records."""
+        return f"{self.prefix(shard)}hist"
 
     @property
     def keeps_history(self) -> bool:
@@ -131,8 +142,14 @@ class Keys:
 
     @property
     def history_budget(self) -> int:
-        """Debug history entries kept over all shards, about (MAXLEN ~ trims by nodes)."""
+        """Debug history records kept over all shards."""
         return self.history_cap * self.shards
+
+    @staticmethod
+    def legacy_keys(shard: int, member: str) -> tuple[str, str, str]:
+        """The previous design's pending-key hash, copies list and timeline list."""
+        p = Keys.prefix(shard)
+        return f"{p}k:{member}", f"{p}c:{member}", f"{p}t:{member}"
 
     def rate_counter_key(self, client: str) -> str:
         """The browser rate limit's counter of one client address (see RATE_LIMIT)."""
@@ -153,4 +170,8 @@ class Keys:
     @property
     def layout(self) -> str:
         """Where keys live: instances sharing a Redis must agree on it (see LAYOUT_KEY)."""
+        return f"shards={self.shards} dedup_buckets={self.dedup_buckets} store=log"
+
+    def legacy_layout(self) -> str:
+        """The layout the previous design recorded: its keys can be imported (IMPORT_LEGACY)."""
         return f"shards={self.shards} dedup_buckets={self.dedup_buckets}"

@@ -60,116 +60,134 @@ class Reader:
                 )
         return letters
 
-    async def counts(self) -> tuple[int, int]:
-        """(events waiting to be forwarded, dead letters), over all shards."""
-        async with self.runner.guard():
-            pipe = self.runner.client.pipeline(transaction=False)
-            for shard in range(self.keys.shards):
-                pipe.zcard(self.keys.due_key(shard))
-                pipe.xlen(self.keys.dead_key(shard))
-            replies = await pipe.execute()
-        return sum(replies[0::2]), sum(replies[1::2])
-
     async def backlog(self, now: float) -> Backlog:
-        """Pending events, dead letters and forward lag, over all shards; one round trip."""
+        """Pending events, dead letters and forward lag, over all shards; one round trip.
+
+        Each shard's owner writes how many keys its window holds and when the first is
+        due; keys waiting for a retry are in the retry hash; copies not yet read by an
+        owner count as at least one pending key. A shard whose owner died keeps its last
+        figures, and its lag grows until another instance takes it over."""
         async with self.runner.guard():
             pipe = self.runner.client.pipeline(transaction=False)
             for shard in range(self.keys.shards):
-                due = self.keys.due_key(shard)
-                pipe.zcard(due)
+                pipe.hmget(self.keys.meta_key(shard), ["pending", "due"])
+                pipe.hlen(self.keys.retry_key(shard))
+                pipe.xlen(self.keys.log_key(shard))
                 pipe.xlen(self.keys.dead_key(shard))
-                # The lowest score is the next due time; a claimed event's score is its
-                # lease's end, so only events no forwarder holds can be overdue.
-                pipe.zrange(due, 0, 0, withscores=True)
             replies = await pipe.execute()
-        firsts = [int(r[0][1]) for r in replies[2::3] if r]
-        oldest = min(firsts, default=None)
+        pending = dead = 0
+        oldest: int | None = None
+        for i in range(0, len(replies), 4):
+            (open_keys, due), retrying, logged, letters = replies[i : i + 4]
+            in_window = int(open_keys or 0)
+            pending += retrying + max(in_window, 1 if logged else 0)
+            dead += letters
+            if due and int(due) > 0 and (in_window or retrying):
+                oldest = int(due) if oldest is None else min(oldest, int(due))
         lag = 0.0 if oldest is None else max(0.0, now - oldest / 1000)
-        return Backlog(sum(replies[0::3]), sum(replies[1::3]), lag)
+        return Backlog(pending, dead, lag)
 
     async def inspect(
         self, pixel_code: str, event_id: str, event_name: str
     ) -> dict[str, Any] | None:
         """A key's state and timeline, for /debug and `inspect`; None when unknown.
 
-        The state comes from the key's own records (pending hash, or remembered
-        fingerprint); the timeline from the shard's bounded history, so a key whose
-        entries were pushed out by newer ones shows its state with a partial timeline."""
+        The state comes from the key's own records (a retry state, or its remembered
+        fingerprint) and, while it is open in its owner's window, from the history; the
+        timeline from the shard's bounded history, so a key whose records were pushed out
+        by newer ones shows its state with a partial timeline."""
         member = self.keys.member_of(pixel_code, event_id, event_name)
         shard = self.keys.shard_of(member)
-        hk, ck, _due = self.keys.keys_of(member)
         fp, bucket = self.keys.fingerprint(member)
         now_ms = int(time.time() * 1000)
         async with self.runner.guard():
             pipe = self.runner.client.pipeline(transaction=False)
-            pipe.hgetall(hk)
-            pipe.llen(ck)
+            pipe.hget(self.keys.retry_key(shard), member)
             remembered = self.keys.remembered_key(shard, bucket)
             pipe.hget(remembered, fp)  # type: ignore[arg-type]  # binary field names are fine
-            state, copies, until_s = await pipe.execute()
+            retry, until_s = await pipe.execute()
         names = {"pixel_code": pixel_code, "event_id": event_id, "event": event_name}
         until = None if until_s is None else int(until_s)
-        if not state and (until is None or abs(until) * 1000 <= now_ms):
-            return None
+        if until is not None and abs(until) * 1000 <= now_ms:
+            until = None
         timeline = await self._history_of(shard, member)
-        whole = bool(timeline) and timeline[0].get("outcome") == "new"
+        whole = bool(timeline) and timeline[0].get("outcome") in ("new", "replayed")
         history = {"kept_entries": self.keys.history_budget, "from_first_copy": whole}
-        if state:
-            return {"key": names, **_pending_state(state, copies), "timeline": timeline,
-                    "history": history}  # fmt: skip
-        assert until is not None
-        return {
-            "key": names,
-            **_remembered_state(timeline, abs(until) - self.dedup_window_ms / 1000, whole),
-            "state": "sent" if until > 0 else "dead",
-            "forgotten_in": abs(until) - now_ms / 1000,
-            "timeline": timeline,
-            "history": history,
-        }
+        if retry is not None:
+            state = _retry_state(orjson.loads(retry))
+        elif until is not None:
+            state = {
+                **_remembered_state(timeline, abs(until) - self.dedup_window_ms / 1000, whole),
+                "state": "sent" if until > 0 else "dead",
+                "forgotten_in": abs(until) - now_ms / 1000,
+            }
+        elif timeline and timeline[-1].get("outcome") in OPEN_OUTCOMES:
+            state = _open_state(timeline)
+        else:
+            return None
+        return {"key": names, **state, "timeline": timeline, "history": history}
 
     async def _history_of(self, shard: int, member: str) -> list[dict[str, Any]]:
-        """A member's entries in its shard's history, oldest first: read newest first, in
-        chunks, back to the key's first copy or to the oldest entry kept. The history is
+        """A member's records in its shard's history, oldest first: read newest first, in
+        chunks, back to the key's first copy or to the oldest record kept. The history is
         capped, so the scan is bounded; an admin's question, not the hot path."""
         if not self.keys.keeps_history:
             return []
-        wanted = member.encode()
         found: list[dict[str, Any]] = []
-        upper = "+"
+        key = self.keys.history_key(shard)
         async with self.runner.guard():
-            while True:
-                chunk = await self.runner.client.xrevrange(
-                    self.keys.history_key(shard), upper, "-", count=HISTORY_READ_CHUNK
-                )
-                for _id, fields in chunk:
-                    if fields.get(b"m") != wanted:
+            for start in range(0, self.keys.history_cap, HISTORY_READ_CHUNK):
+                stop = min(start + HISTORY_READ_CHUNK, self.keys.history_cap) - 1
+                chunk = await self.runner.client.lrange(key, start, stop)  # type: ignore[misc]
+                for raw in chunk:
+                    record = orjson.loads(raw)
+                    if record.pop("m", None) != member:
                         continue
-                    found.append(orjson.loads(fields[b"e"]))
-                    if found[-1].get("outcome") == "new":
+                    found.append(record)
+                    if record.get("outcome") in ("new", "replayed"):
                         return found[::-1]
-                if len(chunk) < HISTORY_READ_CHUNK:
-                    return found[::-1]
-                upper = _id_before(text(chunk[-1][0]))
+                if len(chunk) <= stop - start:
+                    break
+        return found[::-1]
 
-def _pending_state(state: dict[bytes, bytes], copies: int) -> dict[str, Any]:
-    fields = {text(k): text(v) for k, v in state.items()}
-    src = int(fields.get("src", "0"))
+
+def _retry_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A key waiting for its next attempt, from its retry record (see window.PendingKey)."""
     return {
-        "state": fields.get("st"),
-        "sources": [s for s in SOURCES if src & SOURCE_BITS[s]],
-        "first_seen": int(fields["t0"]) / 1000 if "t0" in fields else None,
-        "due": int(fields["due"]) / 1000 if "due" in fields else None,
+        "state": "retry",
+        "sources": [s for s in SOURCES if state["src"] & SOURCE_BITS[s]],
+        "first_seen": state["t0"] / 1000,
+        "due": state["due"] / 1000,
         "forwarded_at": None,
         "tiktok_request_id": None,
-        "copies_received": int(fields.get("n", "0")),
-        "copies_pending": copies,
-        "attempts": int(fields.get("att", "0")),
-        "duplicates_dropped": int(fields.get("dup", "0")),
+        "copies_received": state["n"],
+        "copies_pending": len(state["copies"]),
+        "attempts": state["att"],
+        "duplicates_dropped": state["dup"],
         "forgotten_in": None,
     }
 
 
-COPY_OUTCOMES = ("new", "merged", "complete")
+def _open_state(timeline: list[dict[str, Any]]) -> dict[str, Any]:
+    """A key open in its owner's window, as its history tells it."""
+    copies = [e for e in timeline if e.get("outcome") in COPY_OUTCOMES]
+    return {
+        "state": "open",
+        "sources": [s for s in SOURCES if any(e.get("source") == s for e in copies)],
+        "first_seen": copies[0].get("at") if copies else None,
+        "due": timeline[-1].get("due"),
+        "forwarded_at": None,
+        "tiktok_request_id": None,
+        "copies_received": len(copies),
+        "copies_pending": len(copies),
+        "attempts": 0,
+        "duplicates_dropped": sum(e.get("outcome") == "duplicate" for e in timeline),
+        "forgotten_in": None,
+    }
+
+
+COPY_OUTCOMES = ("new", "merged", "complete", "replayed")
+OPEN_OUTCOMES = ("new", "merged", "complete", "duplicate", "replayed")
 ATTEMPT_OUTCOMES = ("forwarded", "retry", "dead_lettered")
 
 
@@ -199,11 +217,3 @@ def _attempts(timeline: list[dict[str, Any]]) -> int:
     if final and "attempts" in final[-1]:
         return int(final[-1]["attempts"])
     return sum(e.get("outcome") in ATTEMPT_OUTCOMES for e in timeline)
-
-
-def _id_before(entry_id: str) -> str:
-    """The stream entry id just before `entry_id` (XREVRANGE's bound is inclusive)."""
-    ms, _, seq = entry_id.partition("-")
-    if int(seq) > 0:
-        return f"{ms}-{int(seq) - 1}"
-    return f"{int(ms) - 1}-{2**64 - 1}"

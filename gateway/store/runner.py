@@ -1,10 +1,10 @@
-"""The script runner: pipelines, cluster routing, replicas and Redis errors.
+"""The runner: pipelines, cluster routing, replicas and Redis errors.
 
-The busy scripts (INGEST, RATE_LIMIT, CLAIM, ACK, RELEASE) are *batched*: one call
-takes many items (copies, requests, shards, members), each touching the keys of its
-own shard. Items of one script and one slot share a call: on one Redis that is every
-item, on a cluster one call per slot. Concurrent requests queue their items and go
-to Redis together (`Runner.shared`): one round trip and a few script calls for all.
+Calls are scripts (by name, see scripts.py) or plain commands (XADD, XREAD, HMGET, ...).
+The request path's calls are *batched*: one call takes many items. The copies
+ingested for one shard share one XADD to its log; RATE_LIMIT items of one slot share
+one script call. Concurrent requests queue their items and go to Redis together
+(`Runner.shared`): one round trip, and one command a shard, for all.
 """
 
 from __future__ import annotations
@@ -25,24 +25,24 @@ from ..errors import StoreUnavailable
 from .scripts import SCRIPTS
 
 RedisClient = aioredis.Redis | RedisCluster
-ScriptCall = tuple[str, Sequence[str], Sequence[Any]]  # (script name, KEYS, ARGV)
+# (script, KEYS, ARGV), or (command, [the key that routes it], every argument)
+Call = tuple[str, Sequence[str], Sequence[Any]]
 log = logging.getLogger("gateway.store")  # one logger for the whole store
 SHARED_PIPELINE_MAX = 2000  # items in one shared pipeline; the rest go in the next
 BATCH_CALL_MAX = 250  # items in one batched script call: Redis runs nothing else meanwhile
-# ... except CLAIM, whose item is a whole shard: up to a forward batch (1,000 events) each.
-# One shard a call, so that draining a backlog leaves Redis free for ingest between shards.
-CALL_MAX_ITEMS = {"claim": 1}
 
 
 class BatchItem(NamedTuple):
-    """One item of a batched script (INGEST, RATE_LIMIT): a copy, or a request to count.
+    """One item of a batched call: a copy to append (XADD), or a request to count
+    (RATE_LIMIT).
 
-    Items with the same script, slot and common arguments go in one call, so concurrent
-    requests share one script call, not only one round trip.
+    Items of a script with the same slot and common arguments go in one call; items of a
+    command, with the same key (`route`): concurrent requests share one call, not only
+    one round trip.
     """
 
-    script: str
-    route: str  # a key in the slot that every key the item touches shares
+    script: str  # a script's name, or a command (XADD)
+    route: str  # the command's key; for a script, a key in the slot its items share
     common: tuple[Any, ...]  # the call's first arguments, the same for every item in it
     args: tuple[Any, ...]
 
@@ -117,33 +117,37 @@ class Runner:
     async def run_batched(
         self, items: Sequence[BatchItem], *, partial: bool = False
     ) -> list[Any]:
-        """Items grouped into script calls (one per script, slot and common arguments, of
-        at most BATCH_CALL_MAX items, see CALL_MAX_ITEMS) in one pipeline; one reply per
-        item, in order.
-        With `partial`, the items of a call that failed get its exception (see `run`)."""
+        """Items grouped into calls (a script's per slot and common arguments, a command's
+        per key, of at most BATCH_CALL_MAX items) in one pipeline; one reply per item, in
+        order: a script's reply is a list with one element per item, a command's reply is
+        every item's. With `partial`, the items of a call that failed get its exception
+        (see `run`)."""
         cluster = isinstance(self.client, RedisCluster)
-        groups: dict[tuple[str, int, tuple[Any, ...]], list[int]] = {}
+        groups: dict[tuple[str, int | str, tuple[Any, ...]], list[int]] = {}
         for i, item in enumerate(items):
-            slot = key_slot(item.route.encode()) if cluster else 0
-            groups.setdefault((item.script, slot, item.common), []).append(i)
+            where: int | str = item.route
+            if item.script in SCRIPTS:
+                where = key_slot(item.route.encode()) if cluster else 0
+            groups.setdefault((item.script, where, item.common), []).append(i)
         chunks: list[tuple[str, tuple[Any, ...], list[int]]] = []
-        for (script, _slot, common), indexes in groups.items():
-            size = CALL_MAX_ITEMS.get(script, BATCH_CALL_MAX)
-            for start in range(0, len(indexes), size):
-                chunks.append((script, common, indexes[start : start + size]))
+        for (script, _where, common), indexes in groups.items():
+            for start in range(0, len(indexes), BATCH_CALL_MAX):
+                chunks.append((script, common, indexes[start : start + BATCH_CALL_MAX]))
         calls = [
             (script, [items[chunk[0]].route], [*common, *(a for i in chunk for a in items[i].args)])
             for script, common, chunk in chunks
         ]
         replies: list[Any] = [None] * len(items)
         results = await self.run(calls, partial=partial)
-        for (_script, _common, chunk), result in zip(chunks, results, strict=True):
+        for (script, _common, chunk), result in zip(chunks, results, strict=True):
+            whole = isinstance(result, Exception) or script not in SCRIPTS
             for j, i in enumerate(chunk):
-                replies[i] = result if isinstance(result, Exception) else result[j]
+                replies[i] = result if whole else result[j]
         return replies
 
-    async def run(self, calls: Sequence[ScriptCall], *, partial: bool = False) -> list[Any]:
-        """Run script calls in one pipeline; rerun those a node had no script for.
+    async def run(self, calls: Sequence[Call], *, partial: bool = False) -> list[Any]:
+        """Run calls (scripts or commands) in one pipeline; rerun those a node had no
+        script for.
 
         A node answers NOSCRIPT when its script cache is empty: it restarted, someone ran
         SCRIPT FLUSH, or it is a replica just promoted (Redis 7 no longer copies SCRIPT
@@ -152,10 +156,11 @@ class Runner:
         the script for the next EVALSHA: one mechanism for one Redis and for a cluster,
         whichever node lost its scripts.
 
-        With `wait_replicas`, a pipeline that ingests ends with WAIT on each node written
-        to (see `_node_pipeline`). A failed call raises, unless `partial`: then its
-        exception takes its place in the replies (on a cluster one primary may be away
-        while the others answer), and only when every call failed is the first raised.
+        With `wait_replicas`, a pipeline that appends to a log (XADD) ends with WAIT on
+        each node written to (see `_node_pipeline`). A failed call raises, unless
+        `partial`: then its exception takes its place in the replies (on a cluster one
+        primary may be away while the others answer), and only when every call failed is
+        the first raised.
         """
         if not calls:
             return []
@@ -174,14 +179,14 @@ class Runner:
                 raise failed[0]
         return replies
 
-    async def _pipeline(self, calls: Sequence[ScriptCall], *, source: bool = False) -> list[Any]:
+    async def _pipeline(self, calls: Sequence[Call], *, source: bool = False) -> list[Any]:
         """One reply (or exception) per call, in order; with `source`, as EVAL."""
         if isinstance(self.client, RedisCluster):
             return await self._cluster_pipeline(self.client, calls, source)
         return await self._node_pipeline(calls, source)
 
     async def _cluster_pipeline(
-        self, client: RedisCluster, calls: Sequence[ScriptCall], source: bool
+        self, client: RedisCluster, calls: Sequence[Call], source: bool
     ) -> list[Any]:
         """One pipeline per primary, concurrently: a primary that is away fails only its
         own calls. redis-py's cluster pipeline would group per node too, but raises for
@@ -208,19 +213,22 @@ class Runner:
         return replies
 
     async def _node_pipeline(
-        self, calls: Sequence[ScriptCall], source: bool = False, node: ClusterNode | None = None
+        self, calls: Sequence[Call], source: bool = False, node: ClusterNode | None = None
     ) -> list[Any]:
         """The calls of one node (all of them on one Redis) in one pipeline: one
         connection, so a WAIT at its end waits for exactly these writes."""
         pipe = self.client.pipeline(transaction=False)
         for name, keys, args in calls:
+            script = self.scripts.get(name)
+            if script is None:  # a command: `keys` route it, `args` are all its arguments
+                pipe.execute_command(name, *args)
+                continue
             # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the
             # evalsha method, yet routes a queued EVALSHA by its KEYS (one slot per call),
             # groups the calls per node, and hands back a NOSCRIPT reply per call.
-            script = self.scripts[name]
             command = ("EVAL", script.script) if source else ("EVALSHA", script.sha)
             pipe.execute_command(*command, len(keys), *keys, *args)
-        wait = self.wait_replicas > 0 and any(name == "ingest" for name, _k, _a in calls)
+        wait = self.wait_replicas > 0 and any(name == "XADD" for name, _k, _a in calls)
         if wait:
             # WAIT counts the replicas that have every write this connection made. On a
             # cluster, `target_nodes` keeps it on the node (and connection) of the writes.

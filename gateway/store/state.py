@@ -1,56 +1,61 @@
-"""The gateway's state changes in Redis: ingest, claim, ack, release, dead letters,
-replay, sweep, rate limit and the layout check; each one atomic script call.
+"""The gateway's state changes in Redis: ingest (append to a shard's log), the shard
+leases, reading a log, looking up remembered keys, the owner's commit of a batch,
+replay, sweep, rate limit and the layout check.
 
-States of a pending key: open (merging) -> claimed (being sent) -> gone and
-remembered, or retry (a send failed; waits for its next attempt). Only an
-open key takes new copies; a copy of a key in any other state, or of a
-remembered key, is a duplicate. Key shapes are in keys.py, the scripts in
-scripts.py, how they reach Redis in runner.py, the reads in reading.py.
+Who decides what a copy is (merged, duplicate) is the shard's owner (see
+gateway/window.py); the store only moves bytes and keeps each step atomic. Key
+shapes are in keys.py, the scripts in scripts.py, how they reach Redis in
+runner.py, the reads for gauges and /debug in reading.py.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
 
-from ..errors import LayoutMismatch, StoreUnavailable
-from ..events import SOURCES, Event, Source
-from .keys import DEBUG_HISTORY, LAYOUT_KEY, SOURCE_BITS, Keys
+from ..errors import LayoutMismatch
+from ..events import Event
+from .keys import DEBUG_HISTORY, INSTANCES_KEY, LAYOUT_KEY, Keys
 from .reading import Backlog, DeadLetter, Reader
 from .runner import BatchItem, RedisClient, Runner, log, text
 
-IngestStatus = Literal["new", "merged", "complete", "duplicate"]
+LOG_READ_COUNT = 200  # log entries a read takes a shard
+LEGACY_IMPORT_CHUNK = 500  # pending keys of the previous design imported a script call
 
 
 @dataclass(frozen=True, slots=True)
-class IngestResult:
-    status: IngestStatus
-    first_seen: float
+class LogEntry:
+    """One entry of a shard's log: the copies one ingest call appended, (member, copy)."""
+
+    id: str
+    copies: list[tuple[str, bytes]]
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """One due event claimed for sending, with every copy received for it."""
+@dataclass(slots=True)
+class Commit:
+    """What an owner records for one shard in one step (see scripts.COMMIT)."""
 
-    member: str
     shard: int
-    token: str
-    first_seen: float
-    sources: frozenset[Source]
-    attempts: int
-    dedup: bool
-    copies: list[dict[str, Any]]
+    seen: str = ""  # the last log entry counted ("" unchanged)
+    trim: str = ""  # log entries before this id are resolved ("" none)
+    pending: int = 0  # keys open in the window
+    due_ms: int = 0  # the earliest due time, 0 when none
+    remember: list[tuple[int, bytes, int]] = field(default_factory=list)  # bucket, fp, second
+    retry_set: list[tuple[str, bytes]] = field(default_factory=list)
+    retry_del: list[str] = field(default_factory=list)
+    dead: list[tuple[str, bytes]] = field(default_factory=list)
+    history: list[bytes] = field(default_factory=list)  # oldest first
 
 
 class Store(Keys):
-    """The gateway's state in Redis; every change is one atomic script call. A Store is its
-    key layout (keys.Keys); it runs scripts through a Runner and reads through a Reader."""
+    """The gateway's state in Redis. A Store is its key layout (keys.Keys); it runs
+    commands and scripts through a Runner and reads through a Reader."""
 
     def __init__(
         self,
@@ -65,6 +70,7 @@ class Store(Keys):
         dedup_buckets: int = 1024,
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
+        lease: float = 15.0,
     ) -> None:
         super().__init__(
             shards=shards, dedup_buckets=dedup_buckets, legacy_aliases=legacy_aliases,
@@ -76,221 +82,28 @@ class Store(Keys):
         self.merge_window_ms = int(merge_window * 1000)
         self.dedup_window_ms = int(dedup_window * 1000)
         self.early_flush = early_flush
-        self._claim_warned_at = -math.inf
-        self.unclaimable: dict[int, float] = {}
-        """Shards whose last claim failed -> when (Unix seconds) their claims began failing."""
+        self.lease_ms = max(1, int(lease * 1000))
+        self.cluster = isinstance(client, RedisCluster)
+        # A log entry may name one member twice (two copies appended in one call);
+        # redis-py would fold its fields into a dict and keep one. Read XREAD raw.
+        client.set_response_callback("XREAD", _raw_reply)
         self._layout_checked = False
 
-    # -- state changes -------------------------------------------------------
+    # -- the request path ----------------------------------------------------------
 
-    async def ingest(
-        self, events: Sequence[Event], now: float, history: Sequence[bytes] | None = None
-    ) -> list[IngestResult]:
-        """Store copies atomically, each merged, opened or dropped; one round trip and
-        one script call, shared with the requests ingesting at the same time. `history`:
-        each copy's history entry (a JSON object; the script adds its outcome)."""
+    async def ingest(self, events: Sequence[Event], now: float) -> None:
+        """Append copies to their shards' logs: durable (and on the replicas asked for)
+        when this returns. One XADD a shard, shared with the requests ingesting at the
+        same time; what each copy turns out to be is its shard owner's to decide."""
         now_ms = int(now * 1000)
-        common = (self.merge_window_ms, 1 if self.early_flush else 0, self.dedup_window_ms,
-                  self.history_cap)  # fmt: skip
         items = []
-        for i, event in enumerate(events):
+        for event in events:
             member = self.member(event)
-            prefix = self.prefix(self.shard_of(member))
-            copy = orjson.dumps(
-                {
-                    "source": event.source,
-                    "pixel_code": event.pixel_code,
-                    "event_source": event.event_source,
-                    "test_event_code": event.test_event_code,
-                    "received_ms": now_ms,
-                    "body": event.body,
-                }
+            key = self.log_key(self.shard_of(member))
+            items.append(
+                BatchItem("XADD", key, (key, "*"), (member, copy_json(event, now_ms)))
             )
-            # Events without event_id have a key of their own: nothing to remember, and
-            # nothing to look up, so no history either.
-            entry = b""
-            if history is not None and self.keeps_history and event.event_id:
-                entry = history[i]
-            fp, bucket = self.fingerprint(member) if event.event_id else (b"", 0)
-            args = (
-                prefix,
-                member,
-                now_ms,
-                SOURCE_BITS[event.source],
-                copy,
-                entry,
-                0 if event.event_id else 1,
-                fp,
-                bucket,
-            )
-            items.append(BatchItem("ingest", f"{prefix}due", common, args))
-        replies = await self.runner.shared(items)
-        return [
-            IngestResult(status=text(r[0]), first_seen=int(r[1]) / 1000)  # type: ignore[arg-type]
-            for r in replies
-        ]
-
-    async def claim(self, now: float, limit: int, lease: float) -> list[Claim]:
-        """Claim up to `limit` due events per shard, each for `lease` seconds."""
-        token = uuid.uuid4().hex
-        common = (int(now * 1000), int(lease * 1000), limit, token)
-        items = [
-            BatchItem("claim", self.due_key(shard), common, (self.prefix(shard),))
-            for shard in range(self.shards)
-        ]
-        # Partial: on a cluster with one primary away, the others' shards still forward.
-        try:
-            replies = await self.runner.run_batched(items, partial=True)
-        except StoreUnavailable as exc:
-            # Every shard: Redis is away, which the forwarder says itself.
-            self._note_unclaimable({shard: exc for shard in range(self.shards)}, now, say=False)
-            raise
-        self._note_unclaimable(
-            {shard: r for shard, r in enumerate(replies) if isinstance(r, Exception)}, now
-        )
-        claims = []
-        for shard, entries in enumerate(replies):
-            if isinstance(entries, Exception):
-                continue
-            for entry in entries:
-                member, t0, src, attempts, nodedup = (text(x) for x in entry[:5])
-                claims.append(
-                    Claim(
-                        member=member,
-                        shard=shard,
-                        token=token,
-                        first_seen=int(t0) / 1000,
-                        sources=frozenset(s for s in SOURCES if int(src) & SOURCE_BITS[s]),
-                        attempts=int(attempts),
-                        dedup=nodedup != "1",
-                        copies=[orjson.loads(c) for c in entry[5:]],
-                    )
-                )
-        return claims
-
-    def _note_unclaimable(
-        self, failures: dict[int, Exception], now: float, *, say: bool = True
-    ) -> None:
-        """Keep `unclaimable` up to date and say which shards cannot be claimed, and since
-        when: when that changes, and once a minute while it lasts. A failing shard is
-        tried again at every claim, never given up on."""
-        recovered = sorted(set(self.unclaimable) - set(failures))
-        if recovered:
-            since = min(self.unclaimable[shard] for shard in recovered)
-            log.warning(
-                "claiming shard(s) %s again, after %.1f s", _shard_list(recovered), now - since
-            )
-        for shard in recovered:
-            del self.unclaimable[shard]
-        fresh = sorted(set(failures) - set(self.unclaimable))
-        for shard in fresh:
-            self.unclaimable[shard] = now
-        # Said at most once a minute unless the set grows: the forwarder claims several
-        # times a second.
-        if say and failures and (fresh or time.monotonic() - self._claim_warned_at > 60.0):
-            self._claim_warned_at = time.monotonic()
-            failing = sorted(self.unclaimable)
-            log.warning(
-                "cannot claim %d of %d shards (%s) since %.1f s (%s); claiming the others",
-                len(failing),
-                self.shards,
-                _shard_list(failing),
-                now - min(self.unclaimable.values()),
-                failures[failing[0]],
-            )
-
-    async def ack(
-        self, claims: Sequence[Claim], now: float, request_id: str = "", history: bytes = b""
-    ) -> int:
-        """Forwarded: forget the claims' state, remember their keys; returns how many
-        were still ours. The history entry defaults to the time and TikTok's request id."""
-        line = b""
-        if self.keeps_history:
-            entry = orjson.loads(history or b'{"outcome": "forwarded"}')
-            entry.setdefault("at", round(now, 3))
-            if request_id:
-                entry.setdefault("request_id", request_id)
-            line = orjson.dumps(entry)
-        items = []
-        for claim in claims:
-            prefix = self.prefix(claim.shard)
-            common = (int(now * 1000), self.dedup_window_ms, claim.token, line, self.history_cap)
-            args = (prefix, claim.member, *self.fingerprint(claim.member))
-            items.append(BatchItem("ack", f"{prefix}due", common, args))
-        return sum(int(r) for r in await self.runner.run_batched(items))
-
-    async def release(
-        self, claims: Sequence[Claim], retry_at: float, history: bytes = b""
-    ) -> int:
-        """Give claims back to the queue, due again at `retry_at`."""
-        line = history if self.keeps_history else b""
-        items = []
-        for claim in claims:
-            prefix = self.prefix(claim.shard)
-            common = (claim.token, int(retry_at * 1000), line, self.history_cap)
-            items.append(BatchItem("release", f"{prefix}due", common, (prefix, claim.member)))
-        return sum(int(r) for r in await self.runner.run_batched(items))
-
-    async def dead_letter(
-        self, claim: Claim, letter: dict[str, Any], now: float, history: bytes = b""
-    ) -> str | None:
-        """Move a claimed event to the dead-letter stream; None when the claim was lost."""
-        hk, _ck, due = self.keys_of(claim.member)
-        fp, bucket = self.fingerprint(claim.member)
-        args = (
-            int(now * 1000),
-            claim.token,
-            self.dedup_window_ms,
-            claim.member,
-            orjson.dumps(letter),
-            history if self.keeps_history else b"",
-            self.prefix(claim.shard),
-            fp,
-            bucket,
-            self.history_cap,
-        )
-        [reply] = await self.runner.run(
-            [("dead_letter", (due, self.dead_key(claim.shard), hk), args)]
-        )
-        return None if reply is None else text(reply)
-
-    async def replay(self, letters: Sequence[DeadLetter], now: float) -> int:
-        """Queue dead letters for sending again; returns how many were queued."""
-        calls = []
-        for dl in letters:
-            hk, ck, due = self.keys_of(dl.member)
-            copy = orjson.dumps(
-                {
-                    "source": "replay",
-                    "pixel_code": dl.letter["pixel_code"],
-                    "event_source": dl.letter["event_source"],
-                    "test_event_code": dl.letter.get("test_event_code"),
-                    "received_ms": int(now * 1000),
-                    "body": dl.letter["event"],
-                }
-            )
-            args = (
-                dl.id,
-                int(now * 1000),
-                dl.member,
-                copy,
-                int(dl.letter["first_seen"] * 1000),
-                0 if dl.letter.get("dedup", True) else 1,
-                orjson.dumps({"outcome": "replayed", "at": round(now, 3), "dead_letter": dl.id})
-                if self.keeps_history
-                else b"",
-                self.history_cap,
-            )
-            keys = (due, self.dead_key(dl.shard), hk, ck, self.history_key(dl.shard))
-            calls.append(("replay", keys, args))
-        return sum(int(r) for r in await self.runner.run(calls))
-
-    async def sweep(self, now: float, shard: int, buckets: range) -> int:
-        """Remove forgotten fingerprints from some buckets of a shard; returns how many."""
-        calls = [
-            ("sweep", (self.remembered_key(shard, bucket),), (int(now),)) for bucket in buckets
-        ]
-        return sum(int(r) for r in await self.runner.run(calls))
+        await self.runner.shared(items)
 
     async def rate_limit(self, client: str, now: float, rate: float, burst: int) -> float:
         """Count a request of `client` against `rate` a second with bursts of `burst`, shared
@@ -300,19 +113,203 @@ class Store(Keys):
         [wait_ms] = await self.runner.shared([item])
         return int(wait_ms) / 1000
 
+    # -- shard leases --------------------------------------------------------------
+
+    async def heartbeat(self, instance: str, now: float) -> int:
+        """Say this instance is alive for a lease; returns how many instances are."""
+        now_ms = int(now * 1000)
+        async with self.runner.guard():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zadd(INSTANCES_KEY, {instance: now_ms + self.lease_ms})
+            pipe.zremrangebyscore(INSTANCES_KEY, "-inf", now_ms)
+            pipe.zcard(INSTANCES_KEY)
+            replies = await pipe.execute()
+        return max(1, int(replies[-1]))
+
+    async def leave(self, instance: str) -> None:
+        """This instance stops: the others take its share at once."""
+        async with self.runner.guard():
+            await self.client.zrem(INSTANCES_KEY, instance)
+
+    async def acquire(self, shards: Iterable[int], token: str) -> list[int]:
+        """Take the shards no one owns; returns those taken."""
+        wanted = list(shards)
+        calls = [
+            ("SET", (key,), (key, token, "NX", "PX", self.lease_ms))
+            for key in map(self.owner_key, wanted)
+        ]
+        replies = await self.runner.run(calls, partial=True)
+        return [s for s, r in zip(wanted, replies, strict=True) if r is True or r == b"OK"]
+
+    async def renew(self, shards: Iterable[int], token: str) -> dict[int, bool | Exception]:
+        """Renew our leases: per shard whether it is still ours, or the error that stopped
+        us asking (a node away: the lease may run out if that lasts)."""
+        owned = list(shards)
+        calls = [("renew", (self.owner_key(s),), (token, self.lease_ms)) for s in owned]
+        replies = await self.runner.run(calls, partial=True)
+        return {
+            s: r if isinstance(r, Exception) else int(r) == 1
+            for s, r in zip(owned, replies, strict=True)
+        }
+
+    async def let_go(self, shards: Iterable[int], token: str) -> None:
+        """Give shards up, so another instance takes them without waiting for the lease."""
+        calls = [("let_go", (self.owner_key(s),), (token,)) for s in shards]
+        await self.runner.run(calls, partial=True)
+
+    async def import_legacy(self, shard: int, token: str) -> None:
+        """Move the previous design's pending keys of a shard into its log (see
+        scripts.IMPORT_LEGACY); nothing to do, one cheap call, on a Redis without them."""
+        while True:
+            args = (self.prefix(shard), token, self.lease_ms, LEGACY_IMPORT_CHUNK)
+            [left] = await self.runner.run([("import_legacy", (self.owner_key(shard),), args)])
+            if int(left) <= 0:
+                return
+
+    # -- what an owner reads -------------------------------------------------------------
+
+    async def take_over(self, shard: int) -> tuple[str, dict[str, dict[str, Any]]]:
+        """What a new owner starts from: the last log entry its predecessor counted, and
+        the keys waiting for a retry (member -> state)."""
+        async with self.runner.guard():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hget(self.meta_key(shard), "seen")
+            pipe.hgetall(self.retry_key(shard))
+            seen, retry = await pipe.execute()
+        return (
+            text(seen) if seen else "0-0",
+            {text(m): orjson.loads(state) for m, state in retry.items()},
+        )
+
+    async def read(
+        self, after: dict[int, str], count: int = LOG_READ_COUNT
+    ) -> dict[int, list[LogEntry] | Exception]:
+        """Log entries after the given ids, per shard; a shard whose read failed gets its
+        error (a cluster node away), the others their entries."""
+        if not after:
+            return {}
+        shards = list(after)
+        if self.cluster:
+            calls = [
+                ("XREAD", (key,), ("COUNT", count, "STREAMS", key, after[s]))
+                for s, key in zip(shards, map(self.log_key, shards), strict=True)
+            ]
+            replies = await self.runner.run(calls, partial=True)
+            found: dict[int, list[LogEntry] | Exception] = {}
+            for shard, reply in zip(shards, replies, strict=True):
+                found[shard] = reply if isinstance(reply, Exception) else _entries(reply)
+            return found
+        # One Redis: one XREAD for every shard.
+        keys = [self.log_key(s) for s in shards]
+        async with self.runner.guard():
+            reply = await self.client.execute_command(
+                "XREAD", "COUNT", count, "STREAMS", *keys, *(after[s] for s in shards)
+            )
+        by_key = {text(k): v for k, v in _stream_pairs(reply)}
+        return {s: _entries_of(by_key.get(key, [])) for s, key in zip(shards, keys, strict=True)}
+
+    async def remembered(self, members: Mapping[int, Sequence[str]]) -> dict[str, int]:
+        """The remembered keys among `members` (by shard): member -> the Unix second it is
+        forgotten, negative when dead-lettered; one HMGET a bucket, in one pipeline."""
+        lookups: dict[str, list[tuple[str, bytes]]] = {}
+        for shard, shard_members in members.items():
+            for member in shard_members:
+                fp, bucket = self.fingerprint(member)
+                lookups.setdefault(self.remembered_key(shard, bucket), []).append((member, fp))
+        calls = [
+            ("HMGET", (key,), [key, *(fp for _m, fp in pairs)]) for key, pairs in lookups.items()
+        ]
+        replies = await self.runner.run(calls)
+        found = {}
+        for pairs, values in zip(lookups.values(), replies, strict=True):
+            for (member, _fp), value in zip(pairs, values, strict=True):
+                if value is not None:
+                    found[member] = int(value)
+        return found
+
+    async def commit(self, token: str, commits: Sequence[Commit]) -> dict[int, list[str] | None]:
+        """Record each shard's batch in one script call, all in one pipeline: per shard the
+        ids of the dead letters added, or None when the shard is no longer ours (nothing
+        was written)."""
+        calls = []
+        for c in commits:
+            args: list[Any] = [
+                self.prefix(c.shard), token, self.lease_ms, c.seen, c.trim, c.pending,
+                c.due_ms, int(time.time() * 1000), self.history_cap,
+                len(c.remember), len(c.retry_set), len(c.retry_del), len(c.dead),
+                len(c.history),
+            ]  # fmt: skip
+            for bucket, fp, second in c.remember:
+                args += (bucket, fp, second)
+            for member, state in c.retry_set:
+                args += (member, state)
+            args += c.retry_del
+            for member, letter in c.dead:
+                args += (member, letter)
+            args += c.history
+            calls.append(("commit", (self.owner_key(c.shard),), args))
+        replies = await self.runner.run(calls, partial=True)
+        out: dict[int, list[str] | None] = {}
+        for c, reply in zip(commits, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            out[c.shard] = None if reply == 0 else [text(x) for x in reply[1:]]
+        return out
+
+    # -- dead letters and house-keeping ------------------------------------------------
+
+    async def replay(self, letters: Sequence[DeadLetter], now: float) -> int:
+        """Queue dead letters for sending again; returns how many were queued."""
+        calls = []
+        for dl in letters:
+            copy = {
+                "source": "replay",
+                "pixel_code": dl.letter["pixel_code"],
+                "event_source": dl.letter["event_source"],
+                "test_event_code": dl.letter.get("test_event_code"),
+                "received_ms": int(now * 1000),
+                "first_ms": int(dl.letter["first_seen"] * 1000),
+                "dead_letter": dl.id,
+                "body": dl.letter["event"],
+            }
+            if not dl.letter.get("dedup", True):
+                copy["nd"] = 1
+            keys = (self.dead_key(dl.shard), self.log_key(dl.shard))
+            calls.append(("replay", keys, (dl.id, dl.member, orjson.dumps(copy))))
+        return sum(int(r) for r in await self.runner.run(calls))
+
+    async def sweep(self, now: float, shard: int, buckets: range) -> int:
+        """Remove forgotten fingerprints from some buckets of a shard; returns how many."""
+        calls = [
+            ("sweep", (self.remembered_key(shard, bucket),), (int(now),)) for bucket in buckets
+        ]
+        return sum(int(r) for r in await self.runner.run(calls))
+
     async def check_layout(self, *, record: bool = True) -> None:
         """Compare our layout with the one recorded in Redis, LayoutMismatch if they differ;
         with `record`, ours is recorded when none is (a gateway's; an admin command only
         compares: run with the wrong settings, it must not decide for the gateways).
 
+        The previous design's layout (same shards and buckets) is upgraded: a gateway
+        records ours, and each shard's first owner imports that design's pending keys.
         Instances that disagree on shards or buckets each miss the keys of the others:
         copies of one event go unmerged, duplicates undropped, pending events unsent."""
         if self._layout_checked:
             return
         async with self.runner.guard():
             if record:
-                await self.runner.client.set(LAYOUT_KEY, self.layout, nx=True)
-            recorded = await self.runner.client.get(LAYOUT_KEY)
+                await self.client.set(LAYOUT_KEY, self.layout, nx=True)
+            recorded = await self.client.get(LAYOUT_KEY)
+            if recorded is not None and text(recorded) == self.legacy_layout():
+                if not record:
+                    return
+                log.warning(
+                    "Redis holds the previous store layout (%s); upgrading to %s: pending "
+                    "events move to the shard logs as each shard is owned",
+                    text(recorded), self.layout,
+                )
+                await self.client.set(LAYOUT_KEY, self.layout)
+                recorded = self.layout.encode()
         if recorded is None:
             return
         if text(recorded) != self.layout:
@@ -321,7 +318,7 @@ class Store(Keys):
 
     async def ping(self) -> None:
         async with self.runner.guard():
-            await self.runner.client.ping()  # type: ignore[misc]
+            await self.client.ping()  # type: ignore[misc]
 
     async def load_scripts(self) -> None:
         """Load every script; /readyz calls this so a flushed cache heals itself."""
@@ -335,7 +332,8 @@ class Store(Keys):
 
     async def counts(self) -> tuple[int, int]:
         """(events waiting to be forwarded, dead letters), over all shards."""
-        return await self.reader.counts()
+        backlog = await self.reader.backlog(time.time())
+        return backlog.pending, backlog.dead_letters
 
     async def backlog(self, now: float) -> Backlog:
         """Pending events, dead letters and forward lag, over all shards; one round trip."""
@@ -348,7 +346,50 @@ class Store(Keys):
         return await self.reader.inspect(pixel_code, event_id, event_name)
 
 
-def _shard_list(shards: Sequence[int]) -> str:
-    """Shards for a log line: 1, 4, 7 (the first twenty, and how many more)."""
-    listed = ", ".join(str(shard) for shard in shards[:20])
-    return listed if len(shards) <= 20 else f"{listed} and {len(shards) - 20} more"
+def copy_json(event: Event, now_ms: int) -> bytes:
+    """A copy as its shard's log keeps it: where it came from, when, and the event.
+    `nd`: no event_id, so no dedup; `w`: its field warnings, for the history."""
+    copy: dict[str, Any] = {
+        "source": event.source,
+        "pixel_code": event.pixel_code,
+        "event_source": event.event_source,
+        "test_event_code": event.test_event_code,
+        "received_ms": now_ms,
+        "body": event.body,
+    }
+    if event.event_id is None:
+        copy["nd"] = 1
+    if event.warnings:
+        copy["w"] = [warning.as_dict() for warning in event.warnings]
+    return orjson.dumps(copy)
+
+
+def until_second(ms: int) -> int:
+    """A fingerprint's value: the whole second from which a key is forgotten."""
+    return math.ceil(ms / 1000)
+
+
+def _raw_reply(response: Any, **_options: Any) -> Any:
+    return response
+
+
+def _stream_pairs(reply: Any) -> list[tuple[Any, Any]]:
+    """XREAD's raw reply as (stream, entries) pairs."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3
+        return list(reply.items())
+    return [(pair[0], pair[1]) for pair in reply]
+
+
+def _entries(reply: Any) -> list[LogEntry]:
+    pairs = _stream_pairs(reply)
+    return _entries_of(pairs[0][1]) if pairs else []
+
+
+def _entries_of(raw: Any) -> list[LogEntry]:
+    entries = []
+    for entry_id, fields in raw:
+        copies = [(text(fields[i]), fields[i + 1]) for i in range(0, len(fields), 2)]
+        entries.append(LogEntry(text(entry_id), copies))
+    return entries

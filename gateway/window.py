@@ -1,0 +1,324 @@
+"""One shard's merge window, held in memory by the shard's owner: where copies meet.
+
+The owner reads its shard's log in order and hands each copy to `ShardWindow.absorb`,
+which decides what the copy is: the first of its key (`new`), another copy of an open
+key (`merged`, or `complete` when both sources are now in and early flush is on), or a
+`duplicate` (of a key being sent, waiting for a retry, or remembered in Redis). Keys
+fall due at the end of their merge window; `take_due` hands them to the forwarder,
+and `delivered`, `retry` and `dead` record what TikTok made of them.
+
+Nothing here talks to Redis. What must reach it is gathered in a `Commit`: the
+fingerprints to remember, the retry states, the dead letters, the history records,
+and how far the log may be trimmed. The log holds every copy of a key until the
+commit that resolves the key; a new owner rebuilds the window from it.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from .events import SOURCES, Source
+from .store.keys import BOTH_SOURCES, SOURCE_BITS, Keys
+from .store.state import Commit, LogEntry, until_second
+
+Outcome = Literal["new", "merged", "complete", "duplicate", "replayed"]
+KeyState = Literal["open", "sending", "retry"]
+HISTORY_FIELDS_MAX = 64  # field names a history record lists; the rest are counted
+HISTORY_NAME_MAX = 64  # characters of a field name a history record keeps
+# A key without event_id, or past its dedup window, is remembered this long after it
+# leaves, only so that a new owner reading copies not yet trimmed does not send it again.
+RESEND_GUARD_MS = 600_000
+
+
+@dataclass(slots=True)
+class PendingKey:
+    """A key in the window: open (merging), sending, or waiting for a retry."""
+
+    member: str
+    first_seen_ms: int
+    due_ms: int
+    sources: int  # bits of SOURCE_BITS
+    copies: list[dict[str, Any]]
+    dedup: bool
+    state: KeyState = "open"
+    attempts: int = 0
+    copies_received: int = 1
+    duplicates: int = 0
+
+    @property
+    def source_set(self) -> frozenset[Source]:
+        return frozenset(s for s in SOURCES if self.sources & SOURCE_BITS[s])
+
+    def retry_json(self) -> bytes:
+        """The key as the retry hash keeps it (see reading._retry_state)."""
+        return orjson.dumps(
+            {
+                "t0": self.first_seen_ms, "due": self.due_ms, "src": self.sources,
+                "att": self.attempts, "nd": 0 if self.dedup else 1, "n": self.copies_received,
+                "dup": self.duplicates, "copies": self.copies,
+            }
+        )  # fmt: skip
+
+    @classmethod
+    def from_retry(cls, member: str, state: dict[str, Any]) -> PendingKey:
+        return cls(
+            member=member, first_seen_ms=state["t0"], due_ms=state["due"], sources=state["src"],
+            copies=state["copies"], dedup=state["nd"] != 1, state="retry",
+            attempts=state["att"], copies_received=state["n"], duplicates=state["dup"],
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
+class Absorbed:
+    """What the window made of one copy, for the counters and the log lines."""
+
+    member: str
+    copy: dict[str, Any]
+    outcome: Outcome
+
+
+@dataclass(slots=True)
+class ShardWindow:
+    """The pending keys of one shard, the log position read, and what is yet to commit."""
+
+    shard: int
+    keys: Keys
+    merge_window_ms: int
+    dedup_window_ms: int
+    early_flush: bool
+    history: bool
+    read_id: str = "0-0"  # the last log entry absorbed
+    counted_id: str = "0-0"  # entries up to here were counted by a previous owner
+    pending: dict[str, PendingKey] = field(default_factory=dict)
+    # Keys whose copies are only in the log, by their first copy's entry id, oldest first:
+    # the log can be trimmed up to the first of them.
+    pins: collections.OrderedDict[str, str] = field(default_factory=collections.OrderedDict)
+    _due: list[tuple[int, str]] = field(default_factory=list)  # heap; stale items skipped
+    _commit: Commit | None = None
+
+    def __post_init__(self) -> None:
+        self._commit = Commit(self.shard)
+
+    # -- copies in ----------------------------------------------------------------
+
+    def load_retries(self, retries: dict[str, dict[str, Any]]) -> None:
+        """Keys a previous owner left waiting for a retry."""
+        for member, state in retries.items():
+            key = PendingKey.from_retry(member, state)
+            self.pending[member] = key
+            heapq.heappush(self._due, (key.due_ms, member))
+
+    def unknown(self, entries: list[LogEntry]) -> list[str]:
+        """Members of these entries not in the window: their fingerprints must be looked up."""
+        return list(
+            {m: None for e in entries for m, _c in e.copies if m not in self.pending}
+        )
+
+    def absorb(
+        self, entries: list[LogEntry], remembered: dict[str, int], now_ms: int
+    ) -> list[Absorbed]:
+        """Take log entries in order; `remembered`: the fingerprints found for the members
+        `unknown` named. Returns what each copy counted as; copies a previous owner
+        already counted are taken silently (they rebuild its window) and not returned."""
+        out: list[Absorbed] = []
+        for entry in entries:
+            counted = _id(entry.id) <= _id(self.counted_id)
+            for member, raw in entry.copies:
+                copy = orjson.loads(raw)
+                outcome = self._absorb(entry.id, member, copy, remembered, now_ms)
+                if counted:
+                    continue
+                out.append(Absorbed(member, copy, outcome))
+                if self.history:
+                    self._record_copy(member, copy, outcome)
+            self.read_id = entry.id
+        return out
+
+    def _absorb(
+        self,
+        entry_id: str,
+        member: str,
+        copy: dict[str, Any],
+        remembered: dict[str, int],
+        now_ms: int,
+    ) -> Outcome:
+        key = self.pending.get(member)
+        source = copy.get("source")
+        if "dead_letter" in copy:  # a replayed dead letter: sent again whatever is remembered
+            if key is not None:
+                return "duplicate"
+            self._open(entry_id, member, copy, copy["first_ms"], now_ms, sources=0)
+            return "replayed"
+        if key is not None:
+            if key.state != "open":
+                key.duplicates += 1
+                return "duplicate"
+            key.copies.append(copy)
+            key.copies_received += 1
+            key.sources |= SOURCE_BITS.get(source, 0)  # type: ignore[arg-type]
+            if key.sources == BOTH_SOURCES and self.early_flush and key.due_ms > now_ms:
+                self._set_due(key, now_ms)
+                return "complete"
+            return "merged"
+        until = remembered.get(member)
+        if until is not None and abs(until) * 1000 > now_ms:
+            return "duplicate"
+        first = copy["received_ms"]
+        due = first if copy.get("nd") else first + self.merge_window_ms
+        self._open(entry_id, member, copy, first, due, SOURCE_BITS.get(source, 0))  # type: ignore[arg-type]
+        return "new"
+
+    def _open(
+        self, entry_id: str, member: str, copy: dict[str, Any], first_ms: int, due_ms: int,
+        sources: int,
+    ) -> None:  # fmt: skip
+        key = PendingKey(member, first_ms, due_ms, sources, [copy], dedup=not copy.get("nd"))
+        self.pending[member] = key
+        self.pins[member] = entry_id
+        heapq.heappush(self._due, (due_ms, member))
+
+    def _set_due(self, key: PendingKey, due_ms: int) -> None:
+        key.due_ms = due_ms
+        heapq.heappush(self._due, (due_ms, key.member))
+
+    # -- keys out -----------------------------------------------------------------
+
+    def next_due(self) -> int | None:
+        """When the next key falls due (ms), None when none waits."""
+        while self._due:
+            due, member = self._due[0]
+            key = self.pending.get(member)
+            if key is not None and key.state != "sending" and key.due_ms == due:
+                return due
+            heapq.heappop(self._due)
+        return None
+
+    def take_due(self, now_ms: int, limit: int) -> list[PendingKey]:
+        """Up to `limit` keys due by now, marked as being sent (later copies are duplicates)."""
+        taken: list[PendingKey] = []
+        while len(taken) < limit:
+            due = self.next_due()
+            if due is None or due > now_ms:
+                break
+            _due, member = heapq.heappop(self._due)
+            key = self.pending[member]
+            key.state = "sending"
+            key.attempts += 1
+            taken.append(key)
+        return taken
+
+    def delivered(self, key: PendingKey, now_ms: int, record: dict[str, Any] | None) -> None:
+        """TikTok has it: remember the key for its dedup window."""
+        self._resolve(key, now_ms, sign=1, record=record)
+
+    def dead(
+        self, key: PendingKey, letter: bytes, now_ms: int, record: dict[str, Any] | None
+    ) -> None:
+        """Dead-lettered: remembered as dead, so later copies stay dropped until a replay."""
+        assert self._commit is not None
+        self._commit.dead.append((key.member, letter))
+        self._resolve(key, now_ms, sign=-1, record=record)
+
+    def retry(self, key: PendingKey, due_ms: int, record: dict[str, Any] | None) -> None:
+        """A send failed: the key waits in the retry hash, out of the log."""
+        assert self._commit is not None
+        key.state = "retry"
+        self._set_due(key, due_ms)
+        self.pins.pop(key.member, None)
+        self._commit.retry_set.append((key.member, key.retry_json()))
+        self._note(key.member, record)
+
+    def release(self, key: PendingKey) -> None:
+        """Not sent after all (stopping): due again as it was."""
+        key.state = "open" if key.member in self.pins else "retry"
+        key.attempts -= 1
+        self._set_due(key, key.due_ms)
+
+    def _resolve(
+        self, key: PendingKey, now_ms: int, sign: int, record: dict[str, Any] | None
+    ) -> None:
+        assert self._commit is not None
+        del self.pending[key.member]
+        self.pins.pop(key.member, None)
+        if key.state == "retry" or key.attempts > 1:
+            self._commit.retry_del.append(key.member)
+        forget_ms = key.first_seen_ms + self.dedup_window_ms
+        if not key.dedup or forget_ms <= now_ms:
+            forget_ms = now_ms + self.merge_window_ms + RESEND_GUARD_MS
+        fp, bucket = self.keys.fingerprint(key.member)
+        self._commit.remember.append((bucket, fp, sign * until_second(forget_ms)))
+        if key.dedup:
+            self._note(key.member, record)
+
+    # -- history and commits --------------------------------------------------------
+
+    def _note(self, member: str, record: dict[str, Any] | None) -> None:
+        if record is not None and self.history:
+            assert self._commit is not None
+            self._commit.history.append(orjson.dumps({"m": member, **record}))
+
+    def _record_copy(self, member: str, copy: dict[str, Any], outcome: Outcome) -> None:
+        """A history record naming the fields a copy brought and its field warnings, never
+        values; of bounded size (see HISTORY_FIELDS_MAX)."""
+        if copy.get("nd"):
+            return  # a key no one can look up
+        names = field_names(copy["body"])
+        record: dict[str, Any] = {
+            "outcome": outcome,
+            "at": copy["received_ms"] / 1000,
+            "source": copy.get("source"),
+            "fields": [name[:HISTORY_NAME_MAX] for name in names[:HISTORY_FIELDS_MAX]],
+        }
+        if len(names) > HISTORY_FIELDS_MAX:
+            record["fields_omitted"] = len(names) - HISTORY_FIELDS_MAX
+        if "w" in copy:
+            record["warnings"] = copy["w"]
+        if "dead_letter" in copy:
+            record["dead_letter"] = copy["dead_letter"]
+        key = self.pending.get(member)
+        if key is not None and key.state == "open" and outcome != "duplicate":
+            record["due"] = key.due_ms / 1000
+        self._note(member, record)
+
+    def take_commit(self, *, force: bool = False) -> Commit | None:
+        """What to record now: None when nothing changed since the last commit."""
+        c = self._commit
+        assert c is not None
+        moved = self.read_id != c.seen and _id(self.read_id) > (0, 0)
+        changed = c.remember or c.retry_set or c.retry_del or c.dead or c.history or moved
+        if not changed and not force:
+            return None
+        c.seen = self.read_id if _id(self.read_id) > _id(self.counted_id) else ""
+        first_pin = next(iter(self.pins.values()), None)
+        c.trim = first_pin if first_pin is not None else _after(self.read_id)
+        c.pending = sum(1 for k in self.pending.values() if k.state != "retry")
+        c.due_ms = self.next_due() or 0
+        self._commit = Commit(self.shard, seen=c.seen)
+        return c
+
+
+def field_names(body: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of a body's fields; `contents` counts as one."""
+    names: list[str] = []
+    for key, value in body.items():
+        if isinstance(value, dict) and key != "contents":
+            names.extend(field_names(value, f"{prefix}{key}."))
+        else:
+            names.append(prefix + key)
+    return names
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _after(entry_id: str) -> str:
+    """The smallest log id after `entry_id` (XTRIM MINID keeps ids from its argument on)."""
+    ms, seq = _id(entry_id)
+    return f"{ms}-{seq + 1}"
