@@ -15,7 +15,6 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from gateway.store import LAYOUT_KEY
 from tests.conftest import PIXEL, TOKEN, Gateway
 
 
@@ -24,11 +23,16 @@ def is_rate_counter(key: bytes) -> bool:
     return re.match(rb"tkgw:\{\d+\}:rl:", key) is not None
 
 
+# Bookkeeping that exists whatever was received: the shard leases, their owners' notes,
+# the instances' heartbeats and the recorded layout.
+BOOKKEEPING = re.compile(rb"tkgw:(\{\d+\}:(owner|meta)|instances|layout)$")
+
+
 async def event_keys(redis_client: aioredis.Redis) -> list[bytes]:
     """The gateway's keys about events: not the rate limit's counters (they count refused
-    requests too), nor the layout the first instance recorded."""
+    requests too), nor the shards' bookkeeping (see BOOKKEEPING)."""
     keys = await redis_client.keys("tkgw:*")
-    return [k for k in keys if not is_rate_counter(k) and k != LAYOUT_KEY.encode()]
+    return [k for k in keys if not is_rate_counter(k) and not BOOKKEEPING.match(k)]
 
 
 def sha256(value: str) -> str:
