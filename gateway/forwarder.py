@@ -352,11 +352,13 @@ class Forwarder:
             return
         try:
             results = await asyncio.shield(self.store.commit(self.token, commits))
-        except StoreUnavailable:
-            # Unknown whether it was written: start these shards over from Redis.
+        except StoreUnavailable as exc:
+            # Unknown whether it was written: these shards start over from what Redis
+            # has, once their leases run out (a sent batch may then go again).
+            log.warning("could not record a batch's outcome; its shards start over from "
+                        "Redis after their lease: %s", exc)  # fmt: skip
             for c in commits:
                 self.windows.pop(c.shard, None)
-            await self.store.let_go([c.shard for c in commits], self.token)
             raise
         for c in commits:
             letters = results.get(c.shard)

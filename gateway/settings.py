@@ -86,7 +86,7 @@ class Settings:
     forward_batch_size: int = 1000
     forward_poll_interval: float = 0.2
     forward_concurrency: int = 8
-    forward_lease: float = 60.0
+    forward_lease: float = 10.0
     upstream_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     upstream_rate_limit: float = 50.0

@@ -121,6 +121,18 @@ async def wait_for(predicate: Callable[[], bool], what: str, within: float = 10.
         await asyncio.sleep(0.02)
 
 
+async def wait_counts(gateway: Gateway, pending: int, dead_letters: int = 0) -> None:
+    """Until the store counts this many pending events and dead letters: the shards' owners
+    count what they have read, a moment after the copies were acknowledged."""
+    counts = None
+    for _ in range(400):
+        counts = await gateway.store.counts()
+        if counts == (pending, dead_letters):
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"counts {counts}, expected {(pending, dead_letters)}")
+
+
 async def wait_drained(gateway: Gateway, dead_letters: int = 0) -> None:
     """Until nothing is pending in Redis: every key was forwarded (or dead-lettered)."""
     for _ in range(400):

@@ -39,6 +39,8 @@ FAST_FORWARDING = {
     "GATEWAY_RETRY_BASE": "0.05",
     "GATEWAY_RETRY_CAP": "0.5",
     "GATEWAY_UPSTREAM_RATE_LIMIT": "1000",
+    # A killed instance's shards are taken over after this: seconds, not the default 10.
+    "GATEWAY_FORWARD_LEASE": "2",
 }
 
 

@@ -84,6 +84,15 @@ async def wait_nothing_pending(store: Store, seconds: float = 10.0) -> None:
     await poll_until(empty, "every due queue to empty", seconds)
 
 
+async def logged_copies(store: Store) -> int:
+    """Copies in the shards' logs: acknowledged, and not yet resolved by an owner."""
+    total = 0
+    for shard in range(store.shards):
+        for _id, fields in await store.client.xrange(store.log_key(shard)):
+            total += len(fields)  # one field a member; a member twice is two copies
+    return total
+
+
 def sent_ids(requests: Sequence[RecordedRequest]) -> Counter[str]:
     """How often each event_id was sent to event/track, whatever TikTok answered."""
     return Counter(str(e["event_id"]) for r in requests for e in r.body["data"])
@@ -133,9 +142,9 @@ async def test_kill_9_inside_the_merge_window_then_restart_sends_each_event_once
     answers = await post_in_chunks(http, a.url, ids, 50)
     assert [x["code"] for x in answers] == [0] * 6, answers
     await a.kill()
-    # Killed with every event acknowledged and still inside its window.
+    # Killed with every event acknowledged and still inside its window: all in the logs.
     assert tiktok.track_requests() == []
-    assert await pending(store) == 300
+    assert await logged_copies(store) == 300
 
     b = await launcher.start(**held)
     await tiktok.wait_for_events(300, timeout=15)
@@ -173,9 +182,9 @@ async def test_kill_9_mid_send_resends_after_the_lease_with_the_same_event_ids(
     first, resend = tiktok.track_requests()
     assert first is in_flight
     # The resend is the same events, so TikTok's dedup on event_id absorbs it.
-    assert [e["event_id"] for e in resend.body["data"]] == [
+    assert sorted(e["event_id"] for e in resend.body["data"]) == sorted(
         e["event_id"] for e in first.body["data"]
-    ]
+    )
     sends = sent_ids(tiktok.track_requests())
     assert set(sends) == set(ids)
     assert set(sends.values()) <= {1, 2}
@@ -183,7 +192,8 @@ async def test_kill_9_mid_send_resends_after_the_lease_with_the_same_event_ids(
     assert forwarded_in_log(b) == 20
     state = await store.inspect(PIXEL, ids[0], "Purchase")
     assert state is not None
-    assert (state["state"], state["attempts"]) == ("sent", 2)
+    # The attempt that died with its owner was never recorded: a new owner starts at 1.
+    assert (state["state"], state["attempts"]) == ("sent", 1)
 
 
 # -- two instances ------------------------------------------------------------------------
@@ -338,7 +348,8 @@ async def test_a_rate_limit_that_persists_backs_off_for_minutes(
 
     async def waits() -> list[float]:
         state = await gateway.store.inspect(PIXEL, "throttled-1", "Purchase")
-        return [e["retry_in"] for e in state["timeline"] if e["outcome"] == "retry"]
+        timeline = state["timeline"] if state else []  # None until its owner read it
+        return [e["retry_in"] for e in timeline if e["outcome"] == "retry"]
 
     async def three_answered() -> bool:
         return len(await waits()) == 3
