@@ -31,7 +31,7 @@ PASSTHROUGH_PATHS = ("/open_api/v1.2/pixel/", "/open_api/v1.3/pixel/", "/open_ap
 # warning at start-up rather than silently ignored.
 RETIRED = {
     "GATEWAY_TIMELINE_RETENTION": "/debug timelines are no longer kept per key for a time; "
-    "they come from a history of fixed size, GATEWAY_DEBUG_HISTORY (entries, default 100000)",
+    "they come from a history of fixed size, GATEWAY_DEBUG_HISTORY (records, default 10000)",
 }
 
 
@@ -94,8 +94,8 @@ class Settings:
     retry_cap: float = 300.0
     shards: int = 16
     dedup_buckets: int = 1024
-    # /debug history entries kept over all shards: a fixed memory budget; 0: none.
-    debug_history: int = 100_000
+    # /debug history records kept over all shards: a fixed memory budget; 0: none.
+    debug_history: int = 10_000
     log_level: str = "INFO"
     log_format: str = "auto"
     # Set variables that no longer do anything, each with what replaced it (see RETIRED).

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import orjson
 
+from . import history
 from .events import SOURCES, Source
 from .store.keys import BOTH_SOURCES, SOURCE_BITS, Keys
 from .store.state import Commit, LogEntry, until_second
@@ -260,7 +261,7 @@ class ShardWindow:
     def _note(self, member: str, record: dict[str, Any] | None) -> None:
         if record is not None and self.history:
             assert self._commit is not None
-            self._commit.history.append(orjson.dumps({"m": member, **record}))
+            self._commit.history.append(history.pack(member, record))
 
     def _record_copy(self, member: str, copy: dict[str, Any], outcome: Outcome) -> None:
         """A history record naming the fields a copy brought and its field warnings, never

@@ -92,9 +92,8 @@ async def launcher(tiktok: TikTokStub, tmp_path: Path) -> AsyncIterator[Launcher
         GATEWAY_SHARDS="16",
         GATEWAY_MERGE_WINDOW="0.3",
         GATEWAY_DEDUP_WINDOW="600",
-        GATEWAY_FORWARD_LEASE=str(LEASE),
         GATEWAY_FORWARD_BATCH_SIZE="500",
-        **FAST_FORWARDING,
+        **(FAST_FORWARDING | {"GATEWAY_FORWARD_LEASE": str(LEASE)}),
     )
     yield launcher
     await launcher.close()

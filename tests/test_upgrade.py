@@ -47,7 +47,7 @@ from tests.tiktok_stub import TikTokStub
 
 # The last release before the current changes to the data in Redis. Move it forward at
 # each release, so that this test always upgrades from the version users run today.
-PREVIOUS_RELEASE = "9c48f92"
+PREVIOUS_RELEASE = "a753bd7"
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "admin-upgrade-secret"

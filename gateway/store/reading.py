@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from .. import history
 from ..events import SOURCES
 from .keys import HISTORY_READ_CHUNK, SOURCE_BITS, Keys
 from .runner import Runner, text
@@ -140,8 +141,8 @@ class Reader:
                 stop = min(start + HISTORY_READ_CHUNK, self.keys.history_cap) - 1
                 chunk = await self.runner.client.lrange(key, start, stop)  # type: ignore[misc]
                 for raw in chunk:
-                    record = orjson.loads(raw)
-                    if record.pop("m", None) != member:
+                    of, record = history.unpack(raw)
+                    if of != member:
                         continue
                     found.append(record)
                     if record.get("outcome") in ("new", "replayed"):
