@@ -41,6 +41,7 @@ from .window import Absorbed, PendingKey, ShardWindow
 
 log = logging.getLogger("gateway.forwarder")
 WAKE_LINGER = 0.05  # seconds a wake waits for more copies before reading
+LOG_READ_COUNT = 200  # log entries a round reads a shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +163,12 @@ class Forwarder:
     def _idle_seconds(self, failures: int) -> float:
         """Until the next poll, or the next key due, whichever is first."""
         poll = min(self.settings.forward_poll_interval * (1 + failures), 5.0)
-        dues = [d for d in (w.next_due() for w in self.windows.values()) if d is not None]
+        dues = [
+            d
+            for w in self.windows.values()
+            for d in (w.next_due(), w.commit_due())
+            if d is not None
+        ]
         if dues:
             poll = min(poll, max(0.0, min(dues) / 1000 - self.clock()))
         return poll
@@ -274,11 +280,13 @@ class Forwarder:
     # -- one round --------------------------------------------------------------------
 
     async def forward_once(self) -> bool:
-        """Read, merge, send what is due, commit; returns whether there was work."""
+        """Read, merge, send what is due, commit; returns whether more work is waiting
+        now (a read that took a whole count, or keys due): then the next round starts at
+        once, else after a poll or a wake, so that copies arriving meanwhile share it."""
         windows = dict(self.windows)
         if not windows:
             return False
-        absorbed = await self._read(windows)
+        full = await self._read(windows)
         now = self.clock()
         outgoing: list[Outgoing] = []
         for window in windows.values():
@@ -304,16 +312,19 @@ class Forwarder:
                     item.window.release(item.key)
             raise
         await self._commit(windows)
-        return absorbed > 0 or bool(outgoing)
+        now_ms = int(self.clock() * 1000)
+        return full or any((d := w.next_due()) is not None and d <= now_ms
+                           for w in windows.values())  # fmt: skip
 
-    async def _read(self, windows: dict[int, ShardWindow]) -> int:
-        """Read every owned log once and absorb what is new; returns the copies read."""
-        found = await self.store.read({s: w.read_id for s, w in windows.items()})
+    async def _read(self, windows: dict[int, ShardWindow]) -> bool:
+        """Read every owned log once and absorb what is new; returns whether a shard had
+        more than one read takes."""
+        found = await self.store.read({s: w.read_id for s, w in windows.items()}, LOG_READ_COUNT)
         failures = {s: r for s, r in found.items() if isinstance(r, Exception)}
         self._note_failing(failures, list(windows))
         entries = {s: r for s, r in found.items() if not isinstance(r, Exception) and r}
         if not entries:
-            return 0
+            return False
         unknown = {s: windows[s].unknown(e) for s, e in entries.items()}
         remembered = await self.store.remembered(unknown)
         now_ms = int(self.clock() * 1000)
@@ -321,7 +332,7 @@ class Forwarder:
         for shard, shard_entries in entries.items():
             absorbed += windows[shard].absorb(shard_entries, remembered, now_ms)
         self._count_absorbed(absorbed)
-        return sum(len(e.copies) for es in entries.values() for e in es)
+        return any(len(e) >= LOG_READ_COUNT for e in entries.values())
 
     def _count_absorbed(self, absorbed: Sequence[Absorbed]) -> None:
         tally: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -347,7 +358,8 @@ class Forwarder:
     async def _commit(self, windows: dict[int, ShardWindow]) -> None:
         """Record every changed shard in one pipeline; a shard found to be another's is
         let go (its next owner rebuilds from the log)."""
-        commits = [c for w in windows.values() if (c := w.take_commit()) is not None]
+        now_ms = int(self.clock() * 1000)
+        commits = [c for w in windows.values() if (c := w.take_commit(now_ms)) is not None]
         if not commits:
             return
         try:

@@ -31,6 +31,10 @@ Outcome = Literal["new", "merged", "complete", "duplicate", "replayed"]
 KeyState = Literal["open", "sending", "retry"]
 HISTORY_FIELDS_MAX = 64  # field names a history record lists; the rest are counted
 HISTORY_NAME_MAX = 64  # characters of a field name a history record keeps
+# Copies read but not yet resolving anything (their history records, how far the log was
+# read) wait this long for a commit that resolves a key, so a shard costs Redis one commit
+# a batch sent rather than one a read.
+COMMIT_LINGER_MS = 250
 # A key without event_id, or past its dedup window, is remembered this long after it
 # leaves, only so that a new owner reading copies not yet trimmed does not send it again.
 RESEND_GUARD_MS = 600_000
@@ -101,6 +105,7 @@ class ShardWindow:
     pins: collections.OrderedDict[str, str] = field(default_factory=collections.OrderedDict)
     _due: list[tuple[int, str]] = field(default_factory=list)  # heap; stale items skipped
     _commit: Commit | None = None
+    _committed_ms: int = 0  # when the last commit was taken
 
     def __post_init__(self) -> None:
         self._commit = Commit(self.shard)
@@ -286,20 +291,32 @@ class ShardWindow:
             record["due"] = key.due_ms / 1000
         self._note(member, record)
 
-    def take_commit(self, *, force: bool = False) -> Commit | None:
-        """What to record now: None when nothing changed since the last commit."""
+    def commit_due(self) -> int | None:
+        """When the changes not yet committed must be (ms): now for a resolved key, after
+        COMMIT_LINGER_MS for the rest; None when nothing changed."""
         c = self._commit
         assert c is not None
-        moved = self.read_id != c.seen and _id(self.read_id) > (0, 0)
-        changed = c.remember or c.retry_set or c.retry_del or c.dead or c.history or moved
-        if not changed and not force:
+        if c.remember or c.retry_set or c.retry_del or c.dead:
+            return 0
+        if c.history or (self.read_id != c.seen and _id(self.read_id) > (0, 0)):
+            return self._committed_ms + COMMIT_LINGER_MS
+        return None
+
+    def take_commit(self, now_ms: int, *, force: bool = False) -> Commit | None:
+        """What to record by `now_ms` (see commit_due); None when nothing needs to be yet.
+        With `force`, whatever changed."""
+        due = self.commit_due()
+        if due is None or (due > now_ms and not force):
             return None
+        c = self._commit
+        assert c is not None
         c.seen = self.read_id if _id(self.read_id) > _id(self.counted_id) else ""
         first_pin = next(iter(self.pins.values()), None)
         c.trim = first_pin if first_pin is not None else _after(self.read_id)
         c.pending = sum(1 for k in self.pending.values() if k.state != "retry")
         c.due_ms = self.next_due() or 0
-        self._commit = Commit(self.shard, seen=c.seen)
+        self._commit = Commit(self.shard, seen=self.read_id)
+        self._committed_ms = now_ms
         return c
 
 

@@ -25,7 +25,6 @@ from .keys import DEBUG_HISTORY, INSTANCES_KEY, LAYOUT_KEY, Keys
 from .reading import Backlog, DeadLetter, Reader
 from .runner import BatchItem, RedisClient, Runner, log, text
 
-LOG_READ_COUNT = 200  # log entries a read takes a shard
 LEGACY_IMPORT_CHUNK = 500  # pending keys of the previous design imported a script call
 
 
@@ -182,7 +181,7 @@ class Store(Keys):
         )
 
     async def read(
-        self, after: dict[int, str], count: int = LOG_READ_COUNT
+        self, after: dict[int, str], count: int
     ) -> dict[int, list[LogEntry] | Exception]:
         """Log entries after the given ids, per shard; a shard whose read failed gets its
         error (a cluster node away), the others their entries."""
