@@ -161,6 +161,39 @@ async def test_dead_letter_and_replay_are_on_the_timeline(
     await assert_only_remembered(gateway, redis_client, "tl-dead")
 
 
+async def test_an_open_key_shows_when_it_is_due_whatever_came_after(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    # A first life, sent at once (both sources: early flush) and dead-lettered; forgotten.
+    gateway = await make_gateway(admin_token=ADMIN, merge_window=30.0, dedup_window=1.0)
+    tiktok.reject_event_ids.add("tl-open")
+    await post_browser(http, gateway.url, browser_event("tl-open"))
+    await post_server(http, gateway.url, [server_event("tl-open")])
+    await wait_state(gateway, "tl-open", "dead")
+    tiktok.reject_event_ids.clear()
+    for _ in range(200):
+        if await gateway.store.inspect(PIXEL, "tl-open", "Purchase") is None:
+            break
+        await asyncio.sleep(0.02)
+    # A second life, open for its merge window; the old dead letter replayed meanwhile is
+    # a duplicate of it.
+    await post_server(http, gateway.url, [server_event("tl-open")])
+    await wait_timeline(gateway, "tl-open", ["new"])
+    assert await gateway.store.replay(await gateway.store.dead_letters(), time.time()) == 1
+    await wait_timeline(gateway, "tl-open", ["new", "duplicate"])
+
+    state = await debug(http, gateway, "tl-open")
+    new, duplicate = state["timeline"]
+    assert state["state"] == "open"
+    assert state["first_seen"] == new["at"]
+    assert state["due"] == new["due"] == pytest.approx(new["at"] + 30.0, abs=0.01)
+    assert (state["attempts"], state["duplicates_dropped"]) == (0, 1)
+    assert (state["copies_received"], state["copies_pending"]) == (1, 1)
+    assert state["sources"] == ["server"]
+    assert duplicate["dead_letter"]
+    assert len(tiktok.track_requests()) == 1
+
+
 async def assert_only_remembered(
     gateway: Gateway, redis_client: aioredis.Redis, event_id: str
 ) -> None:
