@@ -421,9 +421,18 @@ def _count_accepted(ctx: IngestContext, events: Sequence[Event]) -> None:
     metrics, configured = ctx.metrics, ctx.settings.pixels
     # Tallied first: a batch of 100 events updates a few counters, not 100.
     received: collections.Counter[tuple[Source, str]] = collections.Counter()
+    debug = log.isEnabledFor(logging.DEBUG)
     for event in events:
         pixel = metrics.pixel_label(event.pixel_code, configured)
         received[event.source, pixel] += 1
+        if debug:  # with the request's id; the owner's line says what the copy was
+            log.debug(
+                "%s %s event %s for pixel %s: accepted",
+                event.source, event.name, event.event_id, event.pixel_code,
+                extra={"pixel": event.pixel_code, "event": event.name,
+                       "event_id": event.event_id, "source": event.source,
+                       "outcome": "accepted"},
+            )  # fmt: skip
         for warning in event.warnings:  # counted once stored: a refused request counts none
             metrics.field_warnings.labels(pixel, warning.field, warning.reason).inc()
             ctx.warning_log.note(pixel, event.pixel_code, warning)

@@ -133,6 +133,20 @@ async def wait_counts(gateway: Gateway, pending: int, dead_letters: int = 0) -> 
     raise AssertionError(f"counts {counts}, expected {(pending, dead_letters)}")
 
 
+async def wait_timeline(
+    gateway: Gateway, event_id: str, outcomes: list[str], event: str = "Purchase"
+) -> None:
+    """Until a key's timeline (of PIXEL) holds these outcomes: the shard's owner records
+    a copy once it has read it, shortly after the client's answer."""
+    found = None
+    for _ in range(400):
+        found = await gateway.store.inspect(PIXEL, event_id, event)
+        if found is not None and [e["outcome"] for e in found["timeline"]] == outcomes:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"{event_id}'s timeline never became {outcomes}: {found}")
+
+
 async def wait_drained(gateway: Gateway, dead_letters: int = 0) -> None:
     """Until nothing is pending in Redis: every key was forwarded (or dead-lettered)."""
     for _ in range(400):

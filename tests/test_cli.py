@@ -23,7 +23,7 @@ from gateway import __version__
 from gateway.cli import main
 from gateway.store import LAYOUT_KEY
 from tests.conftest import PIXEL, PIXEL2, TOKEN, TOKEN2, Gateway, GatewayFactory, free_port
-from tests.helpers import post_server, server_event, sha256
+from tests.helpers import post_server, server_event, sha256, wait_timeline
 from tests.tiktok_stub import TikTokStub
 
 
@@ -141,8 +141,8 @@ async def test_check_config_against_redis_says_ok(cli: Cli) -> None:
     result = await cli("check-config")
     assert result.code == 0, result
     assert (
-        "configuration OK (2 pixel(s)); Redis reachable, shards=4 dedup_buckets=1024; "
-        "scripts loaded" in result.out
+        "configuration OK (2 pixel(s)); Redis reachable, shards=4 dedup_buckets=1024 "
+        "store=log; scripts loaded" in result.out
     )
     assert result.err == ""
 
@@ -166,8 +166,8 @@ async def test_check_config_refuses_a_redis_laid_out_for_other_shards(
     [line] = result.err_lines
     assert line.startswith(
         "tiktok-gateway: configuration error: GATEWAY_SHARDS / GATEWAY_DEDUP_BUCKETS: this Redis "
-        "holds state laid out with shards=4 dedup_buckets=1024, this instance has shards=8 "
-        "dedup_buckets=1024; "
+        "holds state laid out with shards=4 dedup_buckets=1024 store=log, this instance has "
+        "shards=8 dedup_buckets=1024 store=log; "
     )
     assert "delete the key tkgw:layout" in line
 
@@ -198,7 +198,7 @@ async def test_check_config_without_a_url_runs_its_own_redis_and_stops_it(
     monkeypatch.setenv("GATEWAY_DATA_DIR", str(data_dir))
     result = await cli("check-config")
     assert result.code == 0, result
-    assert "Redis reachable, shards=4 dedup_buckets=1024; scripts loaded" in result.out
+    assert "Redis reachable, shards=4 dedup_buckets=1024 store=log; scripts loaded" in result.out
     # Shut down cleanly: redis-server removes its pid file on SHUTDOWN.
     assert any(p.name.startswith("appendonly") for p in data_dir.iterdir())  # 6.2: a file, 7: a dir
     assert not (data_dir / "redis.pid").exists()
@@ -299,6 +299,7 @@ async def test_inspect_finds_a_key_by_its_legacy_event_name(
     # A long window: the key is still open for merging when inspected.
     gateway = await make_gateway(merge_window=30.0)
     await post_server(http, gateway.url, [server_event("cli-inspect-2", "CompletePayment")])
+    await wait_timeline(gateway, "cli-inspect-2", ["new"])  # read by the shard's owner
 
     result = await cli("inspect", PIXEL, "cli-inspect-2", "Purchase")
 

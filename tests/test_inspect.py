@@ -18,10 +18,17 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import ingest
+from gateway import window
 from gateway.cli import main
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
-from tests.helpers import browser_event, post_browser, post_server, server_event, sha256
+from tests.helpers import (
+    browser_event,
+    post_browser,
+    post_server,
+    server_event,
+    sha256,
+    wait_timeline,
+)
 from tests.tiktok_stub import Answer, TikTokStub
 
 ADMIN = "admin-secret"
@@ -62,12 +69,12 @@ async def test_timeline_shows_copies_merge_retry_forward_and_duplicates(
     await wait_state(gateway, "tl-1", "sent")
     await post_server(http, gateway.url, [server_event("tl-1")])
     await post_browser(http, gateway.url, browser_event("tl-1"))
+    outcomes = ["new", "complete", "retry", "forwarded", "duplicate", "duplicate"]
+    await wait_timeline(gateway, "tl-1", outcomes)
 
     state = await debug(http, gateway, "tl-1")
     timeline = state["timeline"]
-    assert [e["outcome"] for e in timeline] == [
-        "new", "complete", "retry", "forwarded", "duplicate", "duplicate",
-    ]
+    assert [e["outcome"] for e in timeline] == outcomes
     new, complete, retry, forwarded, dup_server, dup_pixel = timeline
     times = [e["at"] for e in timeline]
     assert times == sorted(times)
@@ -106,14 +113,12 @@ async def test_key_is_forgotten_after_its_dedup_window(
     await tiktok.wait_for_events(1)
     await wait_state(gateway, "tl-exp", "sent")
     await post_server(http, gateway.url, [server_event("tl-exp")])
+    await wait_timeline(gateway, "tl-exp", ["new", "forwarded", "duplicate"])
 
-    hash_key, _copies, _due = gateway.store.keys_of(
-        gateway.store.member_of(PIXEL, "tl-exp", "Purchase")
-    )
-    # After the forward only the fingerprint remains of the key itself; its history
-    # entries are in the shard's stream, of a size fixed by GATEWAY_DEBUG_HISTORY.
-    assert await redis_client.exists(hash_key) == 0
-    assert await redis_client.keys("tkgw:*t:*") == []
+    # After the forward only the fingerprint remains of the key itself: its copies are
+    # trimmed from the log, and its history records are in the shard's list, of a size
+    # fixed by GATEWAY_DEBUG_HISTORY.
+    await assert_only_remembered(gateway, redis_client, "tl-exp")
     state = await debug(http, gateway, "tl-exp")
     assert [e["outcome"] for e in state["timeline"]] == ["new", "forwarded", "duplicate"]
     assert state["history"] == {
@@ -152,10 +157,52 @@ async def test_dead_letter_and_replay_are_on_the_timeline(
     dead, replayed = state["timeline"][1], state["timeline"][2]
     assert dead["reason"] == "rejected" and dead["code"] == 40002 and dead["batch"]
     assert replayed["dead_letter"] == letters[0].id
-    hash_key, _copies, _due = gateway.store.keys_of(
-        gateway.store.member_of(PIXEL, "tl-dead", "Purchase")
-    )
-    assert await redis_client.exists(hash_key) == 0
+    assert state["attempts"] == 2  # the one before the dead letter, and the replay
+    await assert_only_remembered(gateway, redis_client, "tl-dead")
+
+
+async def test_an_open_key_shows_when_it_is_due_whatever_came_after(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    # A first life, sent at once (both sources: early flush) and dead-lettered; forgotten.
+    gateway = await make_gateway(admin_token=ADMIN, merge_window=30.0, dedup_window=1.0)
+    tiktok.reject_event_ids.add("tl-open")
+    await post_browser(http, gateway.url, browser_event("tl-open"))
+    await post_server(http, gateway.url, [server_event("tl-open")])
+    await wait_state(gateway, "tl-open", "dead")
+    tiktok.reject_event_ids.clear()
+    for _ in range(200):
+        if await gateway.store.inspect(PIXEL, "tl-open", "Purchase") is None:
+            break
+        await asyncio.sleep(0.02)
+    # A second life, open for its merge window; the old dead letter replayed meanwhile is
+    # a duplicate of it.
+    await post_server(http, gateway.url, [server_event("tl-open")])
+    await wait_timeline(gateway, "tl-open", ["new"])
+    assert await gateway.store.replay(await gateway.store.dead_letters(), time.time()) == 1
+    await wait_timeline(gateway, "tl-open", ["new", "duplicate"])
+
+    state = await debug(http, gateway, "tl-open")
+    new, duplicate = state["timeline"]
+    assert state["state"] == "open"
+    assert state["first_seen"] == new["at"]
+    assert state["due"] == new["due"] == pytest.approx(new["at"] + 30.0, abs=0.01)
+    assert (state["attempts"], state["duplicates_dropped"]) == (0, 1)
+    assert (state["copies_received"], state["copies_pending"]) == (1, 1)
+    assert state["sources"] == ["server"]
+    assert duplicate["dead_letter"]
+    assert len(tiktok.track_requests()) == 1
+
+
+async def assert_only_remembered(
+    gateway: Gateway, redis_client: aioredis.Redis, event_id: str
+) -> None:
+    """Nothing of a resolved key is left in Redis but its fingerprint (and history)."""
+    member = gateway.store.member_of(PIXEL, event_id, "Purchase")
+    shard = gateway.store.shard_of(member)
+    assert await redis_client.hexists(gateway.store.retry_key(shard), member) == 0
+    assert await redis_client.xlen(gateway.store.log_key(shard)) == 0
+    assert [k for k in await redis_client.keys("tkgw:*") if event_id.encode() in k] == []
 
 
 async def test_cli_inspect_prints_the_timeline(
@@ -173,6 +220,7 @@ async def test_cli_inspect_prints_the_timeline(
     await tiktok.wait_for_events(1)
     await wait_state(gateway, "tl-cli", "sent")
     await post_server(http, gateway.url, [server_event("tl-cli", email=EMAIL)])
+    await wait_timeline(gateway, "tl-cli", ["new", "complete", "forwarded", "duplicate"])
 
     for name in [n for n in os.environ if n.startswith("GATEWAY_")]:
         monkeypatch.delenv(name)
@@ -208,11 +256,12 @@ async def test_a_history_entry_stays_small_whatever_a_copy_carries(
     event["properties"]["more"] = {f"custom_{i}": i for i in range(150)}
     answer = await post_server(http, gateway.url, [event])
     assert answer["code"] == 0, answer
+    await wait_state(gateway, "tl-big", "open")
 
     [entry] = (await debug(http, gateway, "tl-big"))["timeline"]
-    names = len(ingest.field_names(event))
-    assert len(entry["fields"]) == ingest.HISTORY_FIELDS_MAX
-    assert entry["fields_omitted"] == names - ingest.HISTORY_FIELDS_MAX
-    assert all(len(name) <= ingest.HISTORY_NAME_MAX for name in entry["fields"])
-    assert f"properties.{long_name}"[: ingest.HISTORY_NAME_MAX] in entry["fields"]
-    assert len(orjson.dumps(entry)) < ingest.HISTORY_FIELDS_MAX * (ingest.HISTORY_NAME_MAX + 8)
+    names = len(window.field_names(event))
+    assert len(entry["fields"]) == window.HISTORY_FIELDS_MAX
+    assert entry["fields_omitted"] == names - window.HISTORY_FIELDS_MAX
+    assert all(len(name) <= window.HISTORY_NAME_MAX for name in entry["fields"])
+    assert f"properties.{long_name}"[: window.HISTORY_NAME_MAX] in entry["fields"]
+    assert len(orjson.dumps(entry)) < window.HISTORY_FIELDS_MAX * (window.HISTORY_NAME_MAX + 8)

@@ -25,7 +25,14 @@ from gateway.logs import (
     setup_logging,
 )
 from tests.conftest import PIXEL, TOKEN, GatewayFactory
-from tests.helpers import browser_event, post_browser, post_server, server_event, sha256
+from tests.helpers import (
+    browser_event,
+    post_browser,
+    post_server,
+    server_event,
+    sha256,
+    wait_for,
+)
 from tests.tiktok_stub import TikTokStub
 
 EMAIL = "jane.doe@example.com"
@@ -185,10 +192,8 @@ async def test_a_requests_lines_carry_its_id_pixel_event_and_outcome_and_no_pii(
         headers={"Access-Token": "wrong-token-0123456789"},
     ) as resp:
         refused = await resp.json()
-    for _ in range(100):  # the forwarder logs after TikTok has answered
-        if '"outcome":"forwarded"' in json_lines.getvalue():
-            break
-        await asyncio.sleep(0.02)
+    # The forwarder logs after TikTok has answered.
+    await wait_for(lambda: '"outcome":"forwarded"' in json_lines.getvalue(), "the forward")
 
     text = json_lines.getvalue()
     entries = [orjson.loads(line) for line in text.splitlines()]  # every line is one object
@@ -199,10 +204,18 @@ async def test_a_requests_lines_carry_its_id_pixel_event_and_outcome_and_no_pii(
     assert server_line["pixel"] == PIXEL
     assert server_line["event"] == "Purchase"
     assert server_line["event_id"] == "log-1"
-    assert server_line["outcome"] == "complete"
+    assert server_line["outcome"] == "accepted"
     [pixel_line] = [e for e in ingest if e.get("source") == "pixel"]
-    assert pixel_line["outcome"] == "new"
+    assert pixel_line["outcome"] == "accepted"
     assert pixel_line["request_id"] != server_line["request_id"]
+    # What each copy turned out to be, the shard's owner says, joined by the event's names.
+    owner = [e for e in entries if e["logger"] == "gateway.forwarder" and "source" in e]
+    assert [(e["source"], e["outcome"]) for e in owner] == [
+        ("pixel", "new"), ("server", "complete"),
+    ]
+    for line in owner:
+        assert (line["pixel"], line["event"], line["event_id"]) == (PIXEL, "Purchase", "log-1")
+        assert "request_id" not in line  # not handling a client's request
 
     [forwarded] = [e for e in entries if e.get("outcome") == "forwarded"]
     assert forwarded["pixel"] == PIXEL and forwarded["event"] == "Purchase"

@@ -22,7 +22,14 @@ from gateway.embedded import EmbeddedRedis
 from gateway.errors import LayoutMismatch
 from gateway.store import LAYOUT_KEY
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory, base_settings, free_port
-from tests.helpers import browser_event, post_browser, post_server, server_event, sha256
+from tests.helpers import (
+    browser_event,
+    post_browser,
+    post_server,
+    server_event,
+    sha256,
+    wait_timeline,
+)
 from tests.tiktok_stub import TikTokStub
 
 WINDOW = 0.2
@@ -122,13 +129,15 @@ async def test_a_gateway_with_other_shards_refuses_to_start_on_a_used_redis(
     make_gateway: GatewayFactory, redis_client: aioredis.Redis
 ) -> None:
     await make_gateway()  # 4 shards: the first on this Redis records its layout
-    assert await redis_client.get(LAYOUT_KEY) == b"shards=4 dedup_buckets=1024"
+    assert await redis_client.get(LAYOUT_KEY) == b"shards=4 dedup_buckets=1024 store=log"
     # It would look for every event in the wrong shard: unmerged pairs, undropped duplicates.
-    with pytest.raises(LayoutMismatch, match="shards=4 dedup_buckets=1024, this instance has"):
+    with pytest.raises(
+        LayoutMismatch, match="shards=4 dedup_buckets=1024 store=log, this instance has"
+    ):
         await make_gateway(shards=8)
     with pytest.raises(LayoutMismatch):
         await make_gateway(dedup_buckets=4096)
-    assert await redis_client.get(LAYOUT_KEY) == b"shards=4 dedup_buckets=1024"
+    assert await redis_client.get(LAYOUT_KEY) == b"shards=4 dedup_buckets=1024 store=log"
 
 
 async def test_readyz_says_misconfigured_when_redis_appears_laid_out_otherwise(
@@ -395,6 +404,7 @@ async def test_debug_shows_state_and_timeline_but_never_pii(
     await tiktok.wait_for_events(1)
     await wait_until_counts(gateway, 0)
     await post_server(http, gateway.url, [server_event("dbg-2", email=EMAIL)])  # a duplicate
+    await wait_timeline(gateway, "dbg-2", ["new", "complete", "forwarded", "duplicate"])
 
     url = f"{gateway.url}/debug/events/{PIXEL}/dbg-2/Purchase"
     async with http.get(url, headers={"Authorization": "Bearer secret"}) as resp:

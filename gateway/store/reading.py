@@ -36,9 +36,12 @@ class DeadLetter:
 class Reader:
     """Reads of the store's keys (laid out by `keys`), through the runner's client."""
 
-    def __init__(self, keys: Keys, runner: Runner, dedup_window_ms: int) -> None:
+    def __init__(
+        self, keys: Keys, runner: Runner, merge_window_ms: int, dedup_window_ms: int
+    ) -> None:
         self.keys = keys
         self.runner = runner
+        self.merge_window_ms = merge_window_ms
         self.dedup_window_ms = dedup_window_ms
 
     async def dead_letters(self, count: int = 1000) -> list[DeadLetter]:
@@ -66,26 +69,31 @@ class Reader:
 
         Each shard's owner writes how many keys its window holds and when the first is
         due; keys waiting for a retry are in the retry hash; copies not yet read by an
-        owner count as at least one pending key. A shard whose owner died keeps its last
-        figures, and its lag grows until another instance takes it over."""
+        owner count as at least one pending key, due at the latest a merge window after
+        they arrived. A shard whose owner died keeps its last figures, and its lag grows
+        until another instance takes it over; so does a shard no instance owns."""
         async with self.runner.guard():
             pipe = self.runner.client.pipeline(transaction=False)
             for shard in range(self.keys.shards):
-                pipe.hmget(self.keys.meta_key(shard), ["pending", "due"])
+                pipe.hmget(self.keys.meta_key(shard), ["pending", "due", "seen"])
                 pipe.hlen(self.keys.retry_key(shard))
                 pipe.xlen(self.keys.log_key(shard))
+                pipe.xrange(self.keys.log_key(shard), count=1)
                 pipe.xlen(self.keys.dead_key(shard))
             replies = await pipe.execute()
         pending = dead = 0
-        oldest: int | None = None
-        for i in range(0, len(replies), 4):
-            (open_keys, due), retrying, logged, letters = replies[i : i + 4]
+        dues: list[int] = []
+        for i in range(0, len(replies), 5):
+            (open_keys, due, seen), retrying, logged, oldest, letters = replies[i : i + 5]
             in_window = int(open_keys or 0)
             pending += retrying + max(in_window, 1 if logged else 0)
             dead += letters
             if due and int(due) > 0 and (in_window or retrying):
-                oldest = int(due) if oldest is None else min(oldest, int(due))
-        lag = 0.0 if oldest is None else max(0.0, now - oldest / 1000)
+                dues.append(int(due))
+            if oldest and _entry_order(oldest[0][0]) > _entry_order(seen or b"0-0"):
+                # The oldest copy in the log is one no owner has read yet.
+                dues.append(_entry_order(oldest[0][0])[0] + self.merge_window_ms)
+        lag = 0.0 if not dues else max(0.0, now - min(dues) / 1000)
         return Backlog(pending, dead, lag)
 
     async def inspect(
@@ -94,9 +102,10 @@ class Reader:
         """A key's state and timeline, for /debug and `inspect`; None when unknown.
 
         The state comes from the key's own records (a retry state, or its remembered
-        fingerprint) and, while it is open in its owner's window, from the history; the
-        timeline from the shard's bounded history, so a key whose records were pushed out
-        by newer ones shows its state with a partial timeline."""
+        fingerprint) and, while it is open in its owner's window (from the owner's first
+        read of it, or of its replay, to its forward), from the history; the timeline
+        from the shard's bounded history, so a key whose records were pushed out by newer
+        ones shows its state with a partial timeline (and an open one none at all)."""
         member = self.keys.member_of(pixel_code, event_id, event_name)
         shard = self.keys.shard_of(member)
         fp, bucket = self.keys.fingerprint(member)
@@ -112,18 +121,19 @@ class Reader:
         if until is not None and abs(until) * 1000 <= now_ms:
             until = None
         timeline = await self._history_of(shard, member)
-        whole = bool(timeline) and timeline[0].get("outcome") in ("new", "replayed")
+        whole = bool(timeline) and timeline[0].get("outcome") == "new"
         history = {"kept_entries": self.keys.history_budget, "from_first_copy": whole}
         if retry is not None:
-            state = _retry_state(orjson.loads(retry))
+            state = _retry_state(orjson.loads(retry), timeline)
+        elif _is_open(timeline):
+            # Before the remembered fingerprint: a replayed dead letter is open again.
+            state = _open_state(timeline, whole)
         elif until is not None:
             state = {
                 **_remembered_state(timeline, abs(until) - self.dedup_window_ms / 1000, whole),
                 "state": "sent" if until > 0 else "dead",
                 "forgotten_in": abs(until) - now_ms / 1000,
             }
-        elif timeline and timeline[-1].get("outcome") in OPEN_OUTCOMES:
-            state = _open_state(timeline)
         else:
             return None
         return {"key": names, **state, "timeline": timeline, "history": history}
@@ -145,51 +155,63 @@ class Reader:
                     if of != member:
                         continue
                     found.append(record)
-                    if record.get("outcome") in ("new", "replayed"):
+                    if record.get("outcome") == "new":
                         return found[::-1]
                 if len(chunk) <= stop - start:
                     break
         return found[::-1]
 
 
-def _retry_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A key waiting for its next attempt, from its retry record (see window.PendingKey)."""
+COPY_OUTCOMES = ("new", "merged", "complete", "replayed")  # a copy into the window
+RECEIVED_OUTCOMES = ("new", "merged", "complete")  # a copy a client sent and that counted
+FINAL_OUTCOMES = ("forwarded", "dead_lettered")
+
+
+def _retry_state(state: dict[str, Any], timeline: list[dict[str, Any]]) -> dict[str, Any]:
+    """A key waiting for its next attempt, from its retry record (see window.PendingKey)
+    and, for what happened before a replay, its timeline."""
+    received = _received(timeline)
     return {
         "state": "retry",
-        "sources": [s for s in SOURCES if state["src"] & SOURCE_BITS[s]],
+        "sources": _sources(received, state["src"]),
         "first_seen": state["t0"] / 1000,
         "due": state["due"] / 1000,
         "forwarded_at": None,
         "tiktok_request_id": None,
-        "copies_received": state["n"],
+        "copies_received": max(state["n"], len(received)),
         "copies_pending": len(state["copies"]),
-        "attempts": state["att"],
-        "duplicates_dropped": state["dup"],
+        "attempts": max(state["att"], _attempts(timeline)),
+        "duplicates_dropped": max(state["dup"], _duplicates(timeline)),
         "forgotten_in": None,
     }
 
 
-def _open_state(timeline: list[dict[str, Any]]) -> dict[str, Any]:
-    """A key open in its owner's window, as its history tells it."""
-    copies = [e for e in timeline if e.get("outcome") in COPY_OUTCOMES]
+def _is_open(timeline: list[dict[str, Any]]) -> bool:
+    """Whether the key's latest record, duplicates aside, is a copy: it is in its owner's
+    window (merging, or being sent) and not yet resolved."""
+    latest = next((e for e in reversed(timeline) if e.get("outcome") != "duplicate"), None)
+    return latest is not None and latest.get("outcome") in COPY_OUTCOMES
+
+
+def _open_state(timeline: list[dict[str, Any]], whole: bool) -> dict[str, Any]:
+    """A key open in its owner's window, as its history tells it: the copies since its
+    first copy or its replay are pending, due as the latest of them recorded."""
+    starts = [i for i, e in enumerate(timeline) if e.get("outcome") in ("new", "replayed")]
+    waiting = timeline[starts[-1] if starts else 0 :]
+    received = _received(timeline)
     return {
         "state": "open",
-        "sources": [s for s in SOURCES if any(e.get("source") == s for e in copies)],
-        "first_seen": copies[0].get("at") if copies else None,
-        "due": timeline[-1].get("due"),
+        "sources": _sources(received),
+        "first_seen": received[0].get("at") if whole else None,
+        "due": next((e["due"] for e in reversed(waiting) if "due" in e), None),
         "forwarded_at": None,
         "tiktok_request_id": None,
-        "copies_received": len(copies),
-        "copies_pending": len(copies),
-        "attempts": 0,
-        "duplicates_dropped": sum(e.get("outcome") == "duplicate" for e in timeline),
+        "copies_received": len(received),
+        "copies_pending": sum(e.get("outcome") in COPY_OUTCOMES for e in waiting),
+        "attempts": _attempts(timeline),
+        "duplicates_dropped": _duplicates(timeline),
         "forgotten_in": None,
     }
-
-
-COPY_OUTCOMES = ("new", "merged", "complete", "replayed")
-OPEN_OUTCOMES = ("new", "merged", "complete", "duplicate", "replayed")
-ATTEMPT_OUTCOMES = ("forwarded", "retry", "dead_lettered")
 
 
 def _remembered_state(
@@ -197,24 +219,51 @@ def _remembered_state(
 ) -> dict[str, Any]:
     """What is known of a key after it left: its fingerprint (`first_seen`, to the second),
     and what its history still holds (`whole`: back to its first copy)."""
-    copies = [e for e in timeline if e.get("outcome") in COPY_OUTCOMES]
+    received = _received(timeline)
     forwards = [e for e in timeline if e.get("outcome") == "forwarded"]
     return {
-        "sources": [s for s in SOURCES if any(e.get("source") == s for e in copies)],
-        "first_seen": copies[0].get("at", first_seen) if whole else first_seen,
+        "sources": _sources(received),
+        "first_seen": received[0].get("at", first_seen) if whole else first_seen,
         "due": None,
         "forwarded_at": forwards[-1].get("at") if forwards else None,
         "tiktok_request_id": forwards[-1].get("request_id") if forwards else None,
-        "copies_received": len(copies),
+        "copies_received": len(received),
         "copies_pending": 0,
         "attempts": _attempts(timeline),
-        "duplicates_dropped": sum(e.get("outcome") == "duplicate" for e in timeline),
+        "duplicates_dropped": _duplicates(timeline),
     }
 
 
+def _received(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in timeline if e.get("outcome") in RECEIVED_OUTCOMES]
+
+
+def _sources(received: list[dict[str, Any]], bits: int = 0) -> list[str]:
+    """The sources of the copies received (or named by `bits`, of SOURCE_BITS)."""
+    seen = {e.get("source") for e in received}
+    return [s for s in SOURCES if s in seen or bits & SOURCE_BITS[s]]
+
+
+def _duplicates(timeline: list[dict[str, Any]]) -> int:
+    return sum(e.get("outcome") == "duplicate" for e in timeline)
+
+
 def _attempts(timeline: list[dict[str, Any]]) -> int:
-    """Sends made: as the key's last outcome recorded them, else as the timeline shows."""
-    final = [e for e in timeline if e.get("outcome") in ("forwarded", "dead_lettered")]
-    if final and "attempts" in final[-1]:
-        return int(final[-1]["attempts"])
-    return sum(e.get("outcome") in ATTEMPT_OUTCOMES for e in timeline)
+    """Sends made, over the key's dead letters and replays: each forward or dead letter
+    records the sends that led to it (earlier retries may have been pushed out); failed
+    sends since the last of them count one each."""
+    attempts = since_final = 0
+    for e in timeline:
+        outcome = e.get("outcome")
+        if outcome == "retry":
+            since_final += 1
+        elif outcome in FINAL_OUTCOMES:
+            attempts += int(e.get("attempts", since_final + 1))
+            since_final = 0
+    return attempts + since_final
+
+
+def _entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as a sortable pair."""
+    ms, _, seq = text(entry_id).partition("-")
+    return int(ms), int(seq or 0)

@@ -77,7 +77,9 @@ class Store(Keys):
         )  # fmt: skip
         self.client = client
         self.runner = Runner(client, wait_replicas=wait_replicas, wait_timeout=wait_timeout)
-        self.reader = Reader(self, self.runner, int(dedup_window * 1000))
+        self.reader = Reader(
+            self, self.runner, int(merge_window * 1000), int(dedup_window * 1000)
+        )
         self.merge_window_ms = int(merge_window * 1000)
         self.dedup_window_ms = int(dedup_window * 1000)
         self.early_flush = early_flush
