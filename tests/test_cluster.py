@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -198,11 +198,16 @@ async def test_a_slot_moved_under_a_running_store_is_followed(
         await redis_cluster.move_slot(slot, key, home)
 
 
-# redis-py's cluster client, on a connection error, closes itself and rebuilds its node
-# map while other commands are in flight; connections those commands then hand back belong
-# to nodes it no longer knows, and are closed by the garbage collector, with a warning.
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def a_node_goes_away(test: Callable[..., Any]) -> Callable[..., Any]:
+    """redis-py's cluster client, on a connection error, closes itself and rebuilds its
+    node map while other commands are in flight; connections those commands then hand
+    back belong to nodes it no longer knows, and are closed by the garbage collector, with
+    a warning. Expected in the tests that kill a node."""
+    test = pytest.mark.filterwarnings("ignore::ResourceWarning")(test)
+    return pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")(test)
+
+
+@a_node_goes_away
 async def test_a_primary_down_answers_503_and_the_gateway_carries_on_when_it_is_back(
     redis_cluster: LocalCluster,
     make_gateway: GatewayFactory,
@@ -247,8 +252,7 @@ async def partial_coverage(cluster: LocalCluster) -> AsyncIterator[None]:
             await client.aclose()
 
 
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@a_node_goes_away
 async def test_one_primary_away_leaves_the_other_shards_forwarding(
     redis_cluster: LocalCluster,
     make_gateway: GatewayFactory,
