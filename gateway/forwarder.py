@@ -190,8 +190,19 @@ class Forwarder:
         now = self.clock()
         if now < self._next_balance:
             return
+        try:
+            instances = await self.store.heartbeat(self.token, now)
+        except StoreUnavailable:
+            if not self.windows:
+                raise  # nothing to forward meanwhile: try again at the next round
+            # The heartbeats' node is away (a cluster primary): the shards owned go on
+            # forwarding, their nodes may be up; balanced again a lease step later.
+            self._next_balance = now + self._lease_step()
+            self.metrics.redis_errors.inc()
+            log.warning("cannot balance shards (Redis away); forwarding the %d owned",
+                        len(self.windows))  # fmt: skip
+            return
         self._next_balance = now + self._lease_step()
-        instances = await self.store.heartbeat(self.token, now)
         share = math.ceil(self.store.shards / instances)
         if len(self.windows) > share:
             idle = [s for s, w in self.windows.items() if not _sending(w)]

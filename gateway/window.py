@@ -155,10 +155,13 @@ class ShardWindow:
     ) -> Outcome:
         key = self.pending.get(member)
         source = copy.get("source")
-        if "dead_letter" in copy:  # a replayed dead letter: sent again whatever is remembered
+        # A replayed dead letter: sent again whatever is remembered. One the previous design
+        # replayed (imported by IMPORT_LEGACY) has no "dead_letter" id nor "first_ms".
+        if copy.get("source") == "replay":
             if key is not None:
                 return "duplicate"
-            self._open(entry_id, member, copy, copy["first_ms"], now_ms, sources=0)
+            first_ms = copy.get("first_ms", copy["received_ms"])
+            self._open(entry_id, member, copy, first_ms, now_ms, sources=0)
             return "replayed"
         if key is not None:
             if key.state != "open":

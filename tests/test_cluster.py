@@ -3,28 +3,32 @@
 Representative tests of `test_dedup_e2e`, `test_forwarder` and `test_store` are
 imported here and run again with this module's fixtures: `redis_url` is the
 cluster's, gateways start with `redis_cluster=True`, and the store tests get a
-`RedisCluster` client. The single-Redis runs stay in their own modules.
+`RedisCluster` client, so each shard's owner reads and commits on the primary
+serving that shard. The single-Redis runs stay in their own modules.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
+from bench.cluster import primary_of
+from gateway.app import RESOURCES
 from gateway.errors import StoreUnavailable
 from gateway.store import Store, connect
 from tests.cluster import NODES, LocalCluster
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
-from tests.helpers import post_server, server_event, wait_drained
+from tests.helpers import post_server, server_event, wait_drained, wait_for
 from tests.test_dedup_e2e import (
     test_copy_after_the_forward_is_dropped,
     test_lone_event_is_forwarded_once_when_the_window_closes,
@@ -38,49 +42,52 @@ from tests.test_forwarder import (
     test_server_errors_are_retried_until_delivered,
 )
 from tests.test_store import (
+    Owner,
     event,
     make_store,
+    owner,
     store,
     t0,
-    test_ack_in_one_call_over_several_shards_and_tokens,
-    test_claim_returns_every_copy_in_arrival_order,
-    test_counts_over_shards,
-    test_dead_letter_and_replay,
-    test_dead_letters_over_shards,
+    test_a_key_waiting_for_a_retry_lives_in_the_retry_hash_not_the_log,
+    test_a_new_owner_rebuilds_the_window_without_counting_copies_again,
+    test_a_stale_owners_commit_writes_nothing,
+    test_copies_merge_in_arrival_order,
+    test_dead_letter_is_remembered_negative_and_replaying_twice_sends_once,
+    test_dead_letters_over_shards_and_replay_without_event_id,
+    test_every_script_runs_again_after_script_flush,
+    test_import_legacy_moves_pending_keys_into_the_log_with_their_copies,
     test_inspect_fields_and_timeline,
-    test_lease_then_reclaim_and_ack_by_token,
-    test_many_events_in_one_pipeline,
-    test_release_waits_for_retry_at,
-    test_script_flush_mid_batch_keeps_order,
-    test_scripts_reload_after_script_flush,
+    test_once_everything_is_resolved_the_logs_are_empty,
     test_second_copy,
+    test_two_instances_own_disjoint_shards_and_let_go,
 )
 from tests.tiktok_stub import TikTokStub
 
 __all__ = [  # re-exported, so pytest collects them here too, on the cluster
     "make_store",
+    "owner",
     "store",
     "t0",
-    "test_ack_in_one_call_over_several_shards_and_tokens",
-    "test_claim_returns_every_copy_in_arrival_order",
+    "test_a_key_waiting_for_a_retry_lives_in_the_retry_hash_not_the_log",
+    "test_a_new_owner_rebuilds_the_window_without_counting_copies_again",
+    "test_a_stale_owners_commit_writes_nothing",
+    "test_copies_merge_in_arrival_order",
     "test_copy_after_the_forward_is_dropped",
-    "test_counts_over_shards",
-    "test_dead_letter_and_replay",
-    "test_dead_letters_over_shards",
+    "test_dead_letter_is_remembered_negative_and_replaying_twice_sends_once",
+    "test_dead_letters_over_shards_and_replay_without_event_id",
     "test_dead_letters_replay_through_the_normal_path",
+    "test_every_script_runs_again_after_script_flush",
+    "test_import_legacy_moves_pending_keys_into_the_log_with_their_copies",
     "test_inspect_fields_and_timeline",
-    "test_lease_then_reclaim_and_ack_by_token",
     "test_lone_event_is_forwarded_once_when_the_window_closes",
-    "test_many_events_in_one_pipeline",
+    "test_once_everything_is_resolved_the_logs_are_empty",
     "test_one_poison_event_is_isolated_and_its_batch_mates_delivered",
     "test_pixel_and_server_copies_merge_into_one_enriched_event",
-    "test_release_waits_for_retry_at",
-    "test_script_flush_mid_batch_keeps_order",
-    "test_scripts_reload_after_script_flush",
     "test_second_copy",
     "test_server_errors_are_retried_until_delivered",
     "test_three_copies_give_one_forward",
     "test_two_instances_on_one_redis_forward_each_key_once",
+    "test_two_instances_own_disjoint_shards_and_let_go",
 ]
 
 SHARDS = 16  # sixteen hash tags: enough to land on every primary (asserted below)
@@ -115,7 +122,7 @@ async def redis_client(cluster_url: str) -> AsyncIterator[RedisCluster]:
 async def test_shards_spread_over_every_primary(redis_client: RedisCluster) -> None:
     """Each shard is one slot: sixteen reach every primary, the tests' four more than one."""
     await redis_client.initialize()
-    ports = [_port(redis_client, f"{Store.prefix(shard)}due") for shard in range(SHARDS)]
+    ports = [_port(redis_client, Store.prefix(shard) + "log") for shard in range(SHARDS)]
     assert len(set(ports)) == NODES
     assert len(set(ports[:4])) > 1
 
@@ -126,46 +133,40 @@ async def test_scripts_are_loaded_on_every_primary(
     await redis_client.script_flush()
     store = Store(redis_client, shards=SHARDS)
     await store.load_scripts()
-    sha = store.runner.scripts["claim"].sha
+    sha = store.runner.scripts["commit"].sha
     for url in redis_cluster.urls:
         node = connect(url)
         try:
             assert await node.script_exists(sha) == [True]
         finally:
             await node.aclose()
-    # Every shard's claim runs, wherever its slot lives.
-    assert await store.claim(time.time(), 10, 30.0) == []
+    # Every shard's lease script runs, wherever its slot lives.
+    assert await store.renew(range(SHARDS), "no-one") == dict.fromkeys(range(SHARDS), False)
 
 
-async def test_ingest_over_all_shards_in_one_pipeline(
+async def test_owners_read_and_commit_every_shard_across_the_primaries(
     redis_client: RedisCluster,
 ) -> None:
-    store = Store(redis_client, shards=SHARDS, merge_window=0.0)
+    store = Store(redis_client, shards=SHARDS)
     now = time.time()
-    events = [event(f"spread-{i}") for i in range(200)]
-    results = await store.ingest(events, now)
-    assert {r.status for r in results} == {"new"}
+    events = [event(f"spread-{i}", s) for i in range(100) for s in ("pixel", "server")]
+    await store.ingest(events, now)
     assert {store.shard_of(store.member(e)) for e in events} == set(range(SHARDS))
-    claims = await store.claim(now + 1, 1000, 30.0)
-    assert len(claims) == 200
-    assert await store.ack(claims, now + 1) == 200
+    one, two = Owner(store, "owner-a"), Owner(store, "owner-b")
+    taken = await one.own(range(0, SHARDS, 2))
+    taken += await two.own(range(SHARDS))
+    assert sorted(taken) == list(range(SHARDS))
+    outcomes = await one.read(now) + await two.read(now)
+    assert sorted(set(outcomes)) == ["complete", "new"]
+    assert outcomes.count("complete") == 100  # each pair merged once, by its shard's owner
+    await one.deliver(one.due(now), now)
+    await two.deliver(two.due(now), now)
     assert await store.counts() == (0, 0)
-
-
-async def test_concurrent_claims_on_two_clients_take_each_event_once(
-    store: Store, cluster_url: str, t0: float
-) -> None:
-    other_client = connect(cluster_url, cluster=True)
-    try:
-        other = Store(other_client, shards=4)
-        await store.ingest([event(f"cc-{i}") for i in range(100)], t0)
-        due = t0 + 3600
-        a, b = await asyncio.gather(store.claim(due, 1000, 30.0), other.claim(due, 1000, 30.0))
-        members_a, members_b = {c.member for c in a}, {c.member for c in b}
-        assert len(members_a | members_b) == 100
-        assert members_a.isdisjoint(members_b)
-    finally:
-        await other_client.aclose()
+    assert [await redis_client.xlen(store.log_key(s)) for s in range(SHARDS)] == [0] * SHARDS
+    # Dedup holds on every primary: the same copies again are duplicates.
+    await store.ingest(events[::2], now + 1)
+    outcomes = await one.read(now + 1) + await two.read(now + 1)
+    assert outcomes == ["duplicate"] * 100
 
 
 async def test_a_slot_moved_under_a_running_store_is_followed(
@@ -174,31 +175,39 @@ async def test_a_slot_moved_under_a_running_store_is_followed(
     """Resharding: the client's slot map goes stale, MOVED replies lead it to the new owner."""
     store = Store(redis_client, shards=SHARDS, merge_window=0.0)
     now = time.time()
-    assert await store.claim(now, 10, 30.0) == []  # the client now caches the slot map
-    key = f"{store.prefix(0)}due"
+    await store.acquire(range(SHARDS), "owner-a")  # the client now caches the slot map
+    key = store.log_key(0)
     slot = redis_client.keyslot(key)
     home = await redis_cluster.owner(key)
     to = (home + 1) % NODES
+    await redis_cluster.flushall()  # only an empty slot moves
     await redis_cluster.move_slot(slot, key, to)
     try:
         assert _port(redis_client, key) == _port_of(redis_cluster.urls[home])  # stale
         events = [event(f"moved-{i}") for i in range(40)]
-        assert {r.status for r in await store.ingest(events, now)} == {"new"}
+        await store.ingest(events, now)
         assert any(store.shard_of(store.member(e)) == 0 for e in events)
-        claims = await store.claim(now + 1, 1000, 30.0)
-        assert len(claims) == 40
-        assert await store.ack(claims, now + 1) == 40
+        owner = Owner(store)
+        await owner.own()
+        assert await owner.read(now) == ["new"] * 40
+        await owner.deliver(owner.due(now), now)
+        assert await store.counts() == (0, 0)
         assert _port(redis_client, key) == _port_of(redis_cluster.urls[to])  # refreshed
     finally:
         await redis_cluster.flushall()
         await redis_cluster.move_slot(slot, key, home)
 
 
-# redis-py's cluster client, on a connection error, closes itself and rebuilds its node
-# map while other commands are in flight; connections those commands then hand back belong
-# to nodes it no longer knows, and are closed by the garbage collector, with a warning.
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def a_node_goes_away(test: Callable[..., Any]) -> Callable[..., Any]:
+    """redis-py's cluster client, on a connection error, closes itself and rebuilds its
+    node map while other commands are in flight; connections those commands then hand
+    back belong to nodes it no longer knows, and are closed by the garbage collector, with
+    a warning. Expected in the tests that kill a node."""
+    test = pytest.mark.filterwarnings("ignore::ResourceWarning")(test)
+    return pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")(test)
+
+
+@a_node_goes_away
 async def test_a_primary_down_answers_503_and_the_gateway_carries_on_when_it_is_back(
     redis_cluster: LocalCluster,
     make_gateway: GatewayFactory,
@@ -227,6 +236,64 @@ async def test_a_primary_down_answers_503_and_the_gateway_carries_on_when_it_is_
     gc.collect()  # here, where the warnings are expected, not in a later test
 
 
+@contextlib.asynccontextmanager
+async def partial_coverage(cluster: LocalCluster) -> AsyncIterator[None]:
+    """The live primaries keep serving their slots while one is away (by default a cluster
+    refuses every command once a primary without a replica is marked failed)."""
+    clients = [aioredis.Redis.from_url(url) for url in cluster.urls]
+    try:
+        for client in clients:
+            await client.config_set("cluster-require-full-coverage", "no")
+        yield
+    finally:
+        for client in clients:
+            with contextlib.suppress(redis_errors.RedisError):
+                await client.config_set("cluster-require-full-coverage", "yes")
+            await client.aclose()
+
+
+@a_node_goes_away
+async def test_one_primary_away_leaves_the_other_shards_forwarding(
+    redis_cluster: LocalCluster,
+    make_gateway: GatewayFactory,
+    tiktok: TikTokStub,
+    http: aiohttp.ClientSession,
+) -> None:
+    gateway = await make_gateway(merge_window=0.1, forward_lease=1.5)
+    forwarder = gateway.app[RESOURCES].forwarder
+    await wait_for(lambda: len(forwarder.windows) == SHARDS, "every shard owned")
+    store: Store = gateway.store
+    victim = primary_of("tkgw:instances")  # the heartbeats' node too: the hardest case
+    away = {s for s in range(SHARDS) if primary_of(store.log_key(s)) == victim}
+    ids = [f"alive-{i}" for i in range(200)]
+    served = [
+        i for i in ids if store.shard_of(store.member_of(PIXEL, i, "Purchase")) not in away
+    ][:20]
+    stranded = [
+        i for i in ids if store.shard_of(store.member_of(PIXEL, i, "Purchase")) in away
+    ][:5]
+    async with partial_coverage(redis_cluster):
+        await redis_cluster.nodes[victim].kill()
+        try:
+            await wait_for(lambda: set(forwarder.failing) == away, "the away shards failing")
+            await post_server(http, gateway.url, [server_event(i) for i in served])
+            forwarded = await tiktok.wait_for_events(len(served))
+            assert sorted(e["event_id"] for e in forwarded) == sorted(served)
+            await wait_for(
+                lambda: gateway.metric("gateway_unclaimable_shards") == len(away),
+                "the gauge naming the away shards",
+            )
+        finally:
+            await redis_cluster.nodes[victim].restart()
+            await redis_cluster.wait_ok()
+    await wait_for(lambda: not forwarder.failing, "every shard readable again", within=20.0)
+    await post_server(http, gateway.url, [server_event(i) for i in stranded])
+    forwarded = await tiktok.wait_for_events(len(served) + len(stranded), timeout=20.0)
+    assert sorted(e["event_id"] for e in forwarded) == sorted(served + stranded)
+    await wait_for(lambda: gateway.metric("gateway_unclaimable_shards") == 0, "the gauge at 0")
+    gc.collect()
+
+
 async def test_readyz_on_a_cluster(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -252,19 +319,18 @@ async def test_one_primary_without_its_scripts_runs_them_from_source(
     SCRIPT LOAD to replicas): its calls run as EVAL, the others' as EVALSHA, in one go."""
     store = Store(redis_client, shards=SHARDS, merge_window=0.0)
     await store.load_scripts()
+    owner = Owner(store)
+    await owner.own()
     emptied = connect(redis_cluster.urls[1])
     try:
-        await emptied.script_flush()
         now = time.time()
-        events = [event(f"lost-{i}") for i in range(60)]  # over every primary
-        assert {r.status for r in await store.ingest(events, now)} == {"new"}
+        await store.ingest([event(f"lost-{i}") for i in range(60)], now)  # every primary
+        await owner.read(now)
         await emptied.script_flush()
-        claims = await store.claim(now + 1, 1000, 30.0)
-        assert len(claims) == 60
-        await emptied.script_flush()
-        assert await store.ack(claims, now + 1) == 60
+        await owner.deliver(owner.due(now), now)  # commits on every primary, one pipeline
+        assert await store.counts() == (0, 0)
         # The node keeps the script EVAL ran: the next call is an EVALSHA again.
-        assert await emptied.script_exists(store.runner.scripts["ack"].sha) == [True]
+        assert await emptied.script_exists(store.runner.scripts["commit"].sha) == [True]
     finally:
         await emptied.aclose()
 
@@ -274,8 +340,11 @@ async def test_wait_replicas_without_replicas_is_unavailable(redis_client: Redis
     store = Store(redis_client, shards=SHARDS, wait_replicas=1, wait_timeout=0.05)
     with pytest.raises(StoreUnavailable, match="0 of 1 replica"):
         await store.ingest([event(f"wait-{i}") for i in range(20)], time.time())
-    # Reads and the other scripts do not wait.
-    assert await store.claim(time.time(), 10, 30.0) is not None
+    # Reads and the owners' scripts do not wait (the copies were written, unconfirmed: a
+    # client's retry of the refused request is then a duplicate, dropped by the owner).
+    assert await store.acquire(range(SHARDS), "owner") == list(range(SHARDS))
+    found = await store.read(dict.fromkeys(range(SHARDS), "0-0"))
+    assert not [r for r in found.values() if isinstance(r, Exception)]
 
 
 @pytest.mark.parametrize(

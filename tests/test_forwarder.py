@@ -7,7 +7,8 @@ import time
 import aiohttp
 
 from gateway.forwarder import Pacer, build_outgoing
-from gateway.store import Claim
+from gateway.store import Keys
+from gateway.window import PendingKey, ShardWindow
 from tests.conftest import PIXEL, GatewayFactory
 from tests.helpers import post_server, server_event, wait_drained, wait_for
 from tests.tiktok_stub import Answer, TikTokStub
@@ -142,13 +143,14 @@ async def test_match_keys_and_merge_wait_are_counted(
 
 
 def test_outgoing_takes_first_copy_name_and_first_test_code() -> None:
-    claim = Claim(
+    keys = Keys(shards=4, dedup_buckets=1024, legacy_aliases=True, history=0)
+    window = ShardWindow(shard=0, keys=keys, merge_window_ms=1000, dedup_window_ms=60_000,
+                         early_flush=True, history=False)  # fmt: skip
+    key = PendingKey(
         member="P:Purchase:1",
-        shard=0,
-        token="t",
-        first_seen=1.0,
-        sources=frozenset({"pixel", "server"}),
-        attempts=1,
+        first_seen_ms=1000,
+        due_ms=2000,
+        sources=3,
         dedup=True,
         copies=[
             {"pixel_code": "P", "event_source": "web", "test_event_code": None,
@@ -156,12 +158,15 @@ def test_outgoing_takes_first_copy_name_and_first_test_code() -> None:
             {"pixel_code": "P", "event_source": "web", "test_event_code": "T1",
              "body": {"event": "Purchase", "event_time": 9, "user": {"email": "e"}}},
         ],
-    )
-    out = build_outgoing(claim, default_test_code="CONF")
+    )  # fmt: skip
+    out = build_outgoing(window, key, default_test_code="CONF")
     assert out.body == {"event": "CompletePayment", "event_time": 5,
-                        "user": {"ttp": "a", "email": "e"}}
+                        "user": {"ttp": "a", "email": "e"}}  # fmt: skip
     assert out.test_event_code == "T1"
     assert out.batch_key == ("P", "web", "T1")
+    assert (out.window, out.key) == (window, key)
+    key.copies[1]["test_event_code"] = None
+    assert build_outgoing(window, key, "CONF").test_event_code == "CONF"
 
 
 async def test_pacer_spaces_requests_per_key() -> None:
