@@ -106,7 +106,7 @@ class Owner:
         return self.windows[self.store.shard_of(key.member)]
 
     async def commit(self) -> dict[int, list[str] | None]:
-        commits = [c for w in self.windows.values() if (c := w.take_commit()) is not None]
+        commits = [c for w in self.windows.values() if (c := w.take_commit(0, force=True)) is not None]
         return await self.store.commit(self.token, commits)
 
     async def deliver(self, keys: list[PendingKey], now: float, request_id: str = "req") -> None:
@@ -634,7 +634,7 @@ async def test_inspect_fields_and_timeline(make_store: StoreFactory, t0: float) 
     await owner.read(t0 + 1)
     assert await store.inspect(PIXEL, "o-1", "Purchase") is None  # not until committed
     await owner.commit()
-    fields = ["event", "event_time", "user.ttp", "event_id"]
+    fields = ["event", "event_id", "event_time", "user.ttp"]  # in history.FIELD_TABLE order
     info = await store.inspect(PIXEL, "o-1", "Purchase")
     assert info == {
         "key": {"pixel_code": PIXEL, "event_id": "o-1", "event": "Purchase"},

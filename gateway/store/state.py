@@ -183,7 +183,7 @@ class Store(Keys):
         )
 
     async def read(
-        self, after: dict[int, str], count: int
+        self, after: dict[int, str], count: int = 200
     ) -> dict[int, list[LogEntry] | Exception]:
         """Log entries after the given ids, per shard; a shard whose read failed gets its
         error (a cluster node away), the others their entries."""
