@@ -367,8 +367,9 @@ class Forwarder:
                 self.metrics.duplicates.labels(pixel).inc(count)
 
     async def _commit(self, windows: dict[int, ShardWindow]) -> None:
-        """Record every changed shard in one pipeline; a shard found to be another's is
-        let go (its next owner rebuilds from the log)."""
+        """Record every changed shard in one pipeline. A shard found to be another's is let
+        go; so is one whose commit failed (unknown whether it was written): its next owner,
+        perhaps us again after the lease, rebuilds from what Redis has."""
         now_ms = int(self.clock() * 1000)
         commits = [c for w in windows.values() if (c := w.take_commit(now_ms)) is not None]
         if not commits:
@@ -376,22 +377,27 @@ class Forwarder:
         try:
             results = await asyncio.shield(self.store.commit(self.token, commits))
         except StoreUnavailable as exc:
-            # Unknown whether it was written: these shards start over from what Redis
-            # has, once their leases run out (a sent batch may then go again).
-            log.warning("could not record a batch's outcome; its shards start over from "
-                        "Redis after their lease: %s", exc)  # fmt: skip
-            for c in commits:
-                self.windows.pop(c.shard, None)
-            raise
+            results = dict.fromkeys((c.shard for c in commits), exc)
+        failed = {s: r for s, r in results.items() if isinstance(r, Exception)}
+        if failed:
+            log.warning(
+                "could not record a batch's outcome in shard(s) %s; they start over from "
+                "Redis after their lease: %s", _shard_list(sorted(failed)),
+                next(iter(failed.values())),
+            )  # fmt: skip
         for c in commits:
             letters = results.get(c.shard)
-            if letters is None:
+            if isinstance(letters, Exception):
+                self.windows.pop(c.shard, None)
+            elif letters is None:
                 if self.windows.pop(c.shard, None) is not None:
                     log.warning("shard %d is owned by another instance now; letting it go",
                                 c.shard)  # fmt: skip
-                continue
-            for reason in _dead_reasons(c.dead):
-                self.metrics.dead_lettered.labels(reason).inc()
+            else:
+                for reason in _dead_reasons(c.dead):
+                    self.metrics.dead_lettered.labels(reason).inc()
+        if len(failed) == len(commits):
+            raise next(iter(failed.values()))
 
     async def _send_limited(self, items: list[Outgoing]) -> None:
         async with self._limit:

@@ -106,7 +106,8 @@ class Owner:
         return self.windows[self.store.shard_of(key.member)]
 
     async def commit(self) -> dict[int, list[str] | None]:
-        commits = [c for w in self.windows.values() if (c := w.take_commit(0, force=True)) is not None]
+        taken = (w.take_commit(0, force=True) for w in self.windows.values())
+        commits = [c for c in taken if c is not None]
         return await self.store.commit(self.token, commits)
 
     async def deliver(self, keys: list[PendingKey], now: float, request_id: str = "req") -> None:

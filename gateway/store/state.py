@@ -228,10 +228,13 @@ class Store(Keys):
                     found[member] = int(value)
         return found
 
-    async def commit(self, token: str, commits: Sequence[Commit]) -> dict[int, list[str] | None]:
+    async def commit(
+        self, token: str, commits: Sequence[Commit]
+    ) -> dict[int, list[str] | Exception | None]:
         """Record each shard's batch in one script call, all in one pipeline: per shard the
-        ids of the dead letters added, or None when the shard is no longer ours (nothing
-        was written)."""
+        ids of the dead letters added, None when the shard is no longer ours (nothing was
+        written), or the error that stopped the call (a cluster node away: whether it was
+        written is unknown). Raises only when every call failed."""
         calls = []
         for c in commits:
             args: list[Any] = [
@@ -250,11 +253,12 @@ class Store(Keys):
             args += c.history
             calls.append(("commit", (self.owner_key(c.shard),), args))
         replies = await self.runner.run(calls, partial=True)
-        out: dict[int, list[str] | None] = {}
+        out: dict[int, list[str] | Exception | None] = {}
         for c, reply in zip(commits, replies, strict=True):
             if isinstance(reply, Exception):
-                raise reply
-            out[c.shard] = None if reply == 0 else [text(x) for x in reply[1:]]
+                out[c.shard] = reply
+            else:
+                out[c.shard] = None if reply == 0 else [text(x) for x in reply[1:]]
         return out
 
     # -- dead letters and house-keeping ------------------------------------------------
