@@ -30,7 +30,7 @@ Redis), then R0 and the phases, the gateway's, B0's and B1's interleaved:
 
 After each phase the stand-in checks every acknowledged key (exactly once
 for the gateway; at least once for B0), then its ledger and Redis are
-emptied. Counters are read at the edges of each measured window
+emptied (but for the running gateways' shard leases: see bench.cluster.KEPT). Counters are read at the edges of each measured window
 (`bench.counters`). A phase in which other processes (or other virtual
 machines) took more than a quarter of a core runs once more, while the
 time budget allows. Everything is stopped at the end, on error and on
@@ -72,7 +72,7 @@ import psutil
 import redis.asyncio as aioredis
 
 from bench import counters, floor, memory, profiling, reference, remembered
-from bench.cluster import NODES, LocalCluster, primary_of
+from bench.cluster import NODES, LocalCluster, clear_keys, primary_of
 from bench.common import (
     PIXEL,
     START_SECONDS,
@@ -434,9 +434,9 @@ class Rig:
         assert self.http is not None and self.redis_client is not None
         async with self.http.post(self.standin_url + "/reset") as response:
             response.raise_for_status()
-        await self.redis_client.flushall()
+        await clear_keys(self.redis_client)
         if self.cluster is not None:
-            await self.cluster.flushall()
+            await self.cluster.clear()
 
     async def _get(self, path: str) -> dict[str, Any]:
         assert self.http is not None
