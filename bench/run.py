@@ -30,11 +30,12 @@ Redis), then R0 and the phases, the gateway's, B0's and B1's interleaved:
 
 After each phase the stand-in checks every acknowledged key (exactly once
 for the gateway; at least once for B0), then its ledger and Redis are
-emptied (but for the running gateways' shard leases: see bench.cluster.KEPT). Counters are read at the edges of each measured window
-(`bench.counters`). A phase in which other processes (or other virtual
-machines) took more than a quarter of a core runs once more, while the
-time budget allows. Everything is stopped at the end, on error and on
-Ctrl-C or SIGTERM; every wait is bounded.
+emptied (but for the running gateways' shard leases: see bench.cluster.KEPT).
+Counters are read at the edges of each measured window (`bench.counters`).
+A phase in which other processes (or other virtual machines) took more than
+a quarter of a core runs once more, while the time budget allows.
+Everything is stopped at the end, on error and on Ctrl-C or SIGTERM; every
+wait is bounded.
 
     python -m bench.run                   # full: bench/results/<date>.json, docs/benchmarks.md
     python -m bench.run --smoke           # half a minute of tiny loads, into a temp directory
