@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -24,6 +25,27 @@ from redis.crc import key_slot
 from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from gateway.embedded import EmbeddedRedis
+from gateway.store.keys import INSTANCES_KEY, LAYOUT_KEY
+
+# What a reset between phases keeps: the running gateways' shard leases, heartbeats and
+# the layout. A shard's owner holds its window in memory; with its lease gone (FLUSHALL)
+# it would send what it read, fail to record that, and its next owner send it again.
+KEPT = re.compile(rb"tkgw:\{\d+\}:owner|" + re.escape(INSTANCES_KEY.encode()) + b"|"
+                  + re.escape(LAYOUT_KEY.encode()))  # fmt: skip
+CLEAR_BATCH = 1000
+
+
+async def clear_keys(client: aioredis.Redis) -> None:
+    """Delete every key of one Redis node but those KEPT."""
+    doomed: list[bytes] = []
+    async for key in client.scan_iter(count=CLEAR_BATCH):
+        if not KEPT.fullmatch(key):
+            doomed.append(key)
+    for start in range(0, len(doomed), CLEAR_BATCH):
+        pipe = client.pipeline(transaction=False)
+        for key in doomed[start : start + CLEAR_BATCH]:
+            pipe.unlink(key)  # one key a command: a cluster node takes no cross-slot UNLINK
+        await pipe.execute()
 
 SLOTS = 16384
 NODES = 3
@@ -113,13 +135,14 @@ class LocalCluster:
             shutil.rmtree(path, ignore_errors=True)
         self.dirs = []
 
-    async def flushall(self) -> None:
-        """Empty every primary (replicas follow their primary)."""
+    async def clear(self) -> None:
+        """Empty every primary but for the gateways' leases (see `clear_keys`; replicas follow
+        their primary)."""
         for url in self.urls:
             client = aioredis.Redis.from_url(url)
             try:
                 with contextlib.suppress(ReadOnlyError):
-                    await client.flushall()
+                    await clear_keys(client)
             finally:
                 await client.aclose()
 

@@ -154,13 +154,15 @@ async def probe_counts(pid: int, path: Path) -> tuple[dict[str, int], dict[str, 
     return None
 
 
-FORWARDER_STEPS = ("Store.claim", "Store.ack", "Store.release", "Store.dead_letter")
+FORWARDER_STEPS = ("Store.commit",)
 
 
 def role_of_task(name: str) -> str:
     """Group the probe's task coroutines: HTTP requests, the forwarder, the rest.
 
-    The forwarder shields its acknowledgements, which run as tasks of their own."""
+    The forwarder (the shards' owner) shields its commits, which run as tasks of their
+    own; its lease renewals run in `Forwarder._keep_leases`. Ingest's appends go out in
+    the store's shared flush (`Runner._flush`), counted with the requests by the caller."""
     if name.startswith("RequestHandler"):
         return "requests"
     if "Forwarder" in name or "forward" in name or name.startswith(FORWARDER_STEPS):

@@ -4,19 +4,20 @@
    only slow this down; `used_memory` is the data either way).
 2. `--keys` keys (default 1,000,000) go through the gateway's own store, as
    the gateway drives it: `Store.ingest` of their copies (80% a pixel and a
-   server copy, 10% only one or the other, ~1 KB each, with the handlers'
-   history entries), then, past the merge window, `Store.claim` and
-   `Store.ack` with the forwarder's entry: what is left is what the store
-   remembers for the dedup window. The store's clock is the argument its API
-   takes; chunks of keys overlap (one is ingested while the last is
-   forwarded), so pending copies never pile up. Two client processes share
-   the work (`WORKERS`): the store's Python side costs as much CPU as Redis.
+   server copy, 10% only one or the other, ~1 KB each) into the shards' logs,
+   then the shards' owner, the gateway's own `Forwarder` (deploy/
+   measure_redis_memory.py's `Owner`: TikTok accepts every batch at once),
+   reads the logs, merges, sends, remembers each key, writes the /debug
+   history and trims the logs: what is left is what the store remembers for
+   the dedup window. The clock is virtual (the store's API takes it, the
+   owner is given one); chunks of keys overlap (one is ingested while the
+   owner forwards the last), so pending copies never pile up.
 3. `used_memory` before and after, divided by the keys: bytes per remembered key,
    in the default configuration, so with the /debug history: a fixed budget
    (GATEWAY_DEBUG_HISTORY entries), whose share per key shrinks as keys grow.
-   Its own size (what deleting the history streams frees) is reported apart too.
-4. No false drops: fresh keys must be taken as new, remembered ones dropped
-   as duplicates.
+   Its own size (what deleting the history lists frees) is reported apart too.
+4. No false drops: of copies of fresh keys, the owner must drop none as a
+   duplicate; of copies of remembered keys, every one.
 5. FLUSHALL, then the naive layout on the same server: one
    `SET tkgw:seen:<pixel>:<event>:<event_id> 1 PX <48 h>` per key (run by a
    script, 10,000 keys a call: the same keys and values, only faster).
@@ -29,13 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import multiprocessing
-import queue
 import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,8 @@ import redis.asyncio as aioredis
 
 from bench.common import PIXEL
 from bench.traffic import EVENT_NAMES, Copy, pixel_body, server_item
-from gateway.app import make_store as gateway_store
+from deploy.measure_redis_memory import Owner, drop_history, owner_settings, used_memory
+from gateway.app import make_store
 from gateway.embedded import EmbeddedRedis
 from gateway.events import Event
 from gateway.formats import BrowserContext, ParseOptions, parse_browser, parse_event_track
@@ -54,23 +54,13 @@ from gateway.store import Store
 CHUNK = 10_000  # keys ingested while the previous chunk is forwarded
 INGEST_BATCH = 1_000  # events per Store.ingest call
 PARALLEL = 3  # Store.ingest calls in flight
-CLAIM_LIMIT = 1_000
 PROBES = 10_000  # fresh and remembered keys ingested again after the measurement
-WORKERS = 2  # client processes driving the store: on 2 cores, with Redis, CPU-bound
-WORKER_TIMEOUT = 900.0  # longest wait for a worker, or for each other
 NAIVE_BATCH = 10_000  # keys per naive SET script call
 NAIVE_TTL_MS = 172_800_000
 SETTLE_SECONDS = 10.0  # longest wait for used_memory to stop moving
 MERGE_WINDOW = 2.0  # the rig's; the remembered state does not depend on it
-
-# The handlers' and the forwarder's own history entries, while the gateway has them.
-ingest_entry: Callable[[Event, float], bytes] | None
-forward_entry: Callable[..., bytes] | None
-try:
-    from gateway.forwarder import _timeline as forward_entry
-    from gateway.ingest import _timeline as ingest_entry
-except ImportError:  # pragma: no cover - the gateway may drop its history
-    forward_entry = ingest_entry = None
+FORWARDED = "gateway_events_forwarded_total"
+DROPPED = "gateway_events_duplicates_dropped_total"
 
 
 def template_bodies() -> dict[str, dict[str, Any]]:
@@ -119,10 +109,6 @@ class Keys:
         return f"tkgw:seen:{PIXEL}:{self.names[i]}:{self.ids[i]}"
 
 
-async def used_memory(client: aioredis.Redis) -> int:
-    return int((await client.info("memory"))["used_memory"])
-
-
 async def redis_cpu(client: aioredis.Redis) -> float:
     info = await client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
@@ -141,121 +127,55 @@ async def settled_memory(client: aioredis.Redis) -> int:
     return last
 
 
-async def ingest(store: Store, events: list[Event], now: float) -> list[str]:
+async def ingest(store: Store, events: list[Event], now: float) -> None:
     """Ingest in batches, PARALLEL at a time, so the client encodes while Redis runs."""
-    # Every copy of a source has the same fields, so the same history entry at one `now`.
-    entries = {e.source: ingest_entry(e, now) for e in events} if ingest_entry else {}
     limit = asyncio.Semaphore(PARALLEL)
 
-    async def one(batch: list[Event]) -> list[str]:
-        timeline = [entries[e.source] for e in batch] if entries else None
+    async def one(batch: list[Event]) -> None:
         async with limit:
-            return [r.status for r in await store.ingest(batch, now, timeline)]
+            await store.ingest(batch, now)
 
-    batches = [events[i : i + INGEST_BATCH] for i in range(0, len(events), INGEST_BATCH)]
-    return [s for part in await asyncio.gather(*(one(b) for b in batches)) for s in part]
-
-
-async def forward(store: Store, now: float) -> int:
-    """Claim and acknowledge everything due at `now`, as a successful forward does."""
-    done = 0
-    while claims := await store.claim(now, CLAIM_LIMIT, 60.0):
-        entry = (forward_entry("forwarded", now, request_id=uuid.uuid4().hex, code=0,
-                               batch_size=len(claims)) if forward_entry else b"")
-        done += await store.ack(claims, now, uuid.uuid4().hex, entry)
-    return done
+    await asyncio.gather(*(one(events[i : i + INGEST_BATCH])
+                           for i in range(0, len(events), INGEST_BATCH)))  # fmt: skip
 
 
-def make_store(client: aioredis.Redis) -> Store:
-    """A store configured as the gateway configures it by default, but for the rig's
-    merge window; the /debug history is on, at its default budget."""
-    settings = dataclasses.replace(Settings(), merge_window=MERGE_WINDOW)
-    return gateway_store(client, settings)
+def measurement_settings() -> Settings:
+    """The gateway's defaults but for the rig's merge window (the /debug history on, at
+    its default budget), for an owner that needs no lease renewals and no pacing."""
+    return owner_settings(dataclasses.replace(Settings(), merge_window=MERGE_WINDOW))
 
 
-def _share(start: int, stop: int, index: int) -> range:
-    """Worker `index`'s part of the keys [start, stop)."""
-    size = -(-(stop - start) // WORKERS)
-    return range(start + index * size, min(stop, start + (index + 1) * size))
+async def through_store(store: Store, keys: Keys, count: int, base: float) -> Owner:
+    """The first `count` keys ingested, CHUNK at a time, and forwarded by their shards'
+    owner while the next chunk is ingested; returns the owner, done.
 
-
-async def _work(
-    url: str, count: int, total: int, seed: int, index: int, base: float, barrier: Any
-) -> int:
-    """Ingest this worker's share of each chunk while the last chunk is forwarded.
-
-    The workers wait for each other after every chunk (`barrier`), so keys are
-    only claimed once every copy of theirs is in: both read the same virtual
-    clock, chunk n at `base + n * 10 ms`. `total` keys are made (the probes' too),
-    so that every process has the same ones."""
-    keys = Keys(total, seed)
-    client = aioredis.Redis.from_url(url)
-    store = make_store(client)
-    forwarded = 0
+    The store's and the owner's clock is virtual: chunk n at `base + n * 10 ms`, the
+    owner at the end of the previous chunk's merge window, so that every key of it is
+    due (pairs are sent as soon as both copies are in)."""
+    at = base
+    owner = Owner(store, measurement_settings(), lambda: at)
+    await owner.own()
     previous: float | None = None
-    try:
-        for n, start in enumerate(range(0, count, CHUNK)):
-            now = base + n * 0.01
-            steps: list[Any] = [ingest(store, keys.copies(_share(start, min(start + CHUNK, count),
-                                                                 index)), now)]
-            if previous is not None:
-                steps.append(forward(store, previous))
-            done = await asyncio.gather(*steps)
-            forwarded += done[1] if len(done) > 1 else 0
-            await asyncio.to_thread(barrier.wait, WORKER_TIMEOUT)
-            previous = now + MERGE_WINDOW + 0.001
+    for n, start in enumerate(range(0, count, CHUNK)):
+        now = base + n * 0.01
+        steps = [ingest(store, keys.copies(range(start, min(start + CHUNK, count))), now)]
         if previous is not None:
-            forwarded += await forward(store, previous)
-    finally:
-        await client.aclose()
-    return forwarded
+            at = previous
+            steps.append(owner.forward())
+        await asyncio.gather(*steps)
+        previous = now + MERGE_WINDOW + 0.001
+    if previous is not None:
+        at = previous
+        await owner.forward()
+    return owner
 
 
-def _worker(url: str, count: int, total: int, seed: int, index: int, base: float, barrier: Any,
-            results: Any) -> None:
-    """A client process (spawned): its result, or its error, goes on `results`."""
-    try:
-        forwarded = asyncio.run(_work(url, count, total, seed, index, base, barrier))
-        results.put({"forwarded": forwarded, "cpu_s": time.process_time()})
-    except BaseException as exc:
-        barrier.abort()  # the others must not wait for this one
-        results.put({"error": repr(exc)})
-        raise
-
-
-async def through_store(
-    url: str, count: int, total: int, seed: int, base: float
-) -> dict[str, float]:
-    """The first `count` of `total` keys in, forwarded and acknowledged, by WORKERS processes."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(WORKERS)
-    results = ctx.Queue()
-    workers = [
-        ctx.Process(target=_worker, daemon=True,
-                    args=(url, count, total, seed, i, base, barrier, results))
-        for i in range(WORKERS)
-    ]
-    for worker in workers:
-        worker.start()
-    done: list[dict[str, Any]] = []
-    deadline = time.monotonic() + WORKER_TIMEOUT
-    try:
-        while len(done) < len(workers) and time.monotonic() < deadline:
-            try:
-                done.append(await asyncio.to_thread(results.get, True, 0.5))
-            except queue.Empty:
-                if not any(w.is_alive() for w in workers) and results.empty():
-                    break  # died without a word (killed, or failed to start)
-    finally:
-        for worker in workers:
-            worker.join(5)
-            if worker.is_alive():
-                worker.kill()
-    errors = [d["error"] for d in done if "error" in d]
-    if errors or len(done) < len(workers):
-        raise RuntimeError(f"memory worker failed: {errors[0] if errors else 'no result'}")
-    return {"forwarded": sum(d["forwarded"] for d in done),
-            "client_cpu_s": sum(d["cpu_s"] for d in done)}
+async def dropped(owner: Owner, store: Store, events: list[Event], now: float) -> int:
+    """How many of these copies the owner drops as duplicates, ingested at `now`."""
+    before = owner.counted(DROPPED)
+    await ingest(store, events, now)
+    await owner.forward()
+    return owner.counted(DROPPED) - before
 
 
 # KEYS: the naive keys; ARGV[1] expiry in ms. One SET with expiry per key, run server-side
@@ -285,28 +205,32 @@ async def measure(count: int, binary: str | None = None, seed: int = 7) -> dict[
         try:
             info = await client.info("server")
             mem_info = await client.info("memory")
-            store = make_store(client)
+            store = make_store(client, measurement_settings())
             await store.load_scripts()
             base = time.time()
             before = await settled_memory(client)
-            t0, redis_cpu0 = time.monotonic(), await redis_cpu(client)
-            done = await through_store(server.url, count, count + probes, seed, base)
+            t0, cpu0, redis_cpu0 = time.monotonic(), time.process_time(), await redis_cpu(client)
+            owner = await through_store(store, keys, count, base)
             store_seconds = time.monotonic() - t0
+            store_client_cpu = time.process_time() - cpu0
             store_redis_cpu = await redis_cpu(client) - redis_cpu0
+            forwarded = owner.counted(FORWARDED)
+            log_entries = await owner.log_entries()
+            # With the owner's leases and heartbeat (a few dozen bytes a shard), held for
+            # the probes below.
+            after_keys = await client.dbsize()
             after = await settled_memory(client)
-            dbsize = await client.dbsize()
             # The history's own size: what deleting it frees.
-            streams = [store.history_key(shard) for shard in range(store.shards)]
-            history_entries = sum([await client.xlen(key) for key in streams])
-            await client.delete(*streams)
+            history_entries, history_bytes = await drop_history(client, store)
             without_history = await settled_memory(client)
             # No false drops: new keys are new, remembered keys are duplicates.
             now = base + (count // CHUNK + 1) * 0.01
-            fresh = await ingest(store, keys.copies(range(count, count + probes))[:probes], now)
+            false_drops = await dropped(
+                owner, store, keys.copies(range(count, count + probes))[:probes], now)
             sample = random.Random(seed).sample(range(count), probes)
-            again = await ingest(store, keys.copies(sample)[:probes], now)
-            false_drops = sum(1 for s in fresh if s == "duplicate")
-            missed_duplicates = sum(1 for s in again if s != "duplicate")
+            missed_duplicates = probes - await dropped(
+                owner, store, keys.copies(sample)[:probes], now)
+            await owner.let_go()
 
             await client.flushall()
             naive_before = await settled_memory(client)
@@ -321,18 +245,19 @@ async def measure(count: int, binary: str | None = None, seed: int = 7) -> dict[
         "keys": count,
         "redis_version": info["redis_version"],
         "mem_allocator": mem_info.get("mem_allocator"),
-        "forwarded": done["forwarded"],
+        "forwarded": forwarded,
+        "log_entries_left": log_entries,
         "store_bytes_per_key": round((after - before) / count, 1),
-        "store_redis_keys_per_key": round(dbsize / count, 3),
+        "store_redis_keys_per_key": round(after_keys / count, 3),
         "naive_bytes_per_key": round((naive_after - naive_before) / count, 1),
         "history_entries": history_entries,
-        "history_bytes": after - without_history,
+        "history_bytes": history_bytes,
         "store_bytes_per_key_beyond_history": round((without_history - before) / count, 1),
         "probes": probes,
         "false_drops": false_drops,
         "missed_duplicates": missed_duplicates,
         "store_seconds": round(store_seconds, 1),
-        "store_client_cpu_s": round(done["client_cpu_s"], 1),
+        "store_client_cpu_s": round(store_client_cpu, 1),
         "store_redis_cpu_s": round(store_redis_cpu, 1),
         "naive_seconds": round(naive_seconds, 1),
         "seconds": round(time.monotonic() - started, 1),

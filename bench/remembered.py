@@ -14,12 +14,14 @@
    Events API batches of 100, pixel copies as beacons of `PIXEL_LIST` events
    each (a JSON list, the browser endpoint takes them: one beacon per event
    would take the gateway minutes), on `CONNECTIONS` connections at once.
-3. Once the stand-in has every acknowledged key exactly once, `used_memory`
-   (settled) minus what it was before, divided by the keys: bytes per
-   remembered key, just after the forward. The keys are sent in steps
+3. Once the stand-in has every acknowledged key exactly once, and the shards'
+   owners have trimmed their logs (`tkgw:{N}:log`) to empty (the commit after
+   a send resolves the keys; bounded wait, what is left is reported),
+   `used_memory` (settled) minus what it was before, divided by the keys: bytes
+   per remembered key, just after the forward. The keys are sent in steps
    (`counts`), each measured when forwarded, on top of the last. Beside it,
-   the same less the `/debug` history streams (`MEMORY USAGE` of each shard's
-   `tkgw:{N}:h`): that history has a fixed budget (`GATEWAY_DEBUG_HISTORY`
+   the same less the `/debug` history lists (`MEMORY USAGE` of each shard's
+   `tkgw:{N}:hist`): that history has a fixed budget (`GATEWAY_DEBUG_HISTORY`
    entries), so it is a constant, not a cost per key.
 """
 
@@ -38,6 +40,8 @@ from bench.load import Connection, answer_code, connect
 from bench.memory import settled_memory
 from bench.traffic import BATCH, Actions, Copy, pixel_list_request, server_request
 from gateway.embedded import EmbeddedRedis
+from gateway.settings import Settings
+from gateway.store.keys import Keys
 
 if TYPE_CHECKING:
     from bench.run import Rig
@@ -47,15 +51,37 @@ PIXEL_LIST = 50  # pixel copies per beacon: within the default 64 KB and 100 eve
 CONNECTIONS = 8
 WORKERS = 2  # gateway processes
 NAME = "gateway-remembered"
-SHARDS = 16  # the default GATEWAY_SHARDS: whose history streams are measured
+TRIM_WAIT = 30.0  # longest wait for the owners to trim their logs after the forward
+# The gateway's key layout at its default settings, which the rig's gateway runs with.
+DEFAULTS = Settings()
+LAYOUT = Keys(shards=DEFAULTS.shards, dedup_buckets=DEFAULTS.dedup_buckets,
+              legacy_aliases=DEFAULTS.legacy_aliases, history=DEFAULTS.debug_history)  # fmt: skip
 
 
 async def history_bytes(client: aioredis.Redis) -> int:
-    """Bytes the shards' /debug history streams take (exact: every entry sampled)."""
+    """Bytes the shards' /debug history lists take (exact: every entry sampled)."""
     pipe = client.pipeline(transaction=False)
-    for shard in range(SHARDS):
-        pipe.memory_usage(f"tkgw:{{{shard}}}:h", samples=0)
+    for shard in range(LAYOUT.shards):
+        pipe.memory_usage(LAYOUT.history_key(shard), samples=0)
     return sum(int(size or 0) for size in await pipe.execute())
+
+
+async def log_entries(client: aioredis.Redis) -> int:
+    """Copies left in the shards' logs, not yet resolved by their owners."""
+    pipe = client.pipeline(transaction=False)
+    for shard in range(LAYOUT.shards):
+        pipe.xlen(LAYOUT.log_key(shard))
+    return sum(int(n) for n in await pipe.execute())
+
+
+async def trimmed(client: aioredis.Redis) -> int:
+    """Wait (TRIM_WAIT at most) until the owners have trimmed every log; entries left."""
+    deadline = time.monotonic() + TRIM_WAIT
+    while True:
+        left = await log_entries(client)
+        if not left or time.monotonic() >= deadline:
+            return left
+        await asyncio.sleep(0.1)
 
 
 def requests(actions: Actions, count: int) -> Iterator[tuple[str, list[Copy]]]:
@@ -144,6 +170,7 @@ async def measure(rig: Rig, counts: list[int], seed: int = 11) -> dict[str, Any]
             acked_path.write_text("".join(f"{key}\t{at + window:.6f}\tremembered\n"
                                           for key, at in sent["acked"].items()))
             delivery = await rig.deliver(f"{NAME}-{count}", acked_path, target)
+            left = await trimmed(client)
             after = await settled_memory(client)
             history = await history_bytes(client)
             out["steps"].append({
@@ -154,6 +181,7 @@ async def measure(rig: Rig, counts: list[int], seed: int = 11) -> dict[str, Any]
                 "history_bytes": history,
                 "bytes_per_key_beyond_history": round((after - before - history) / count, 1),
                 "redis_keys_per_key": round(await client.dbsize() / count, 3),
+                "log_entries_left": left,
                 "send_seconds": round(send_seconds, 1),
                 "copies": sent["copies"],
                 "copies_per_s": round(sent["copies"] / send_seconds),

@@ -174,8 +174,9 @@ def why_round_trips(workload: str) -> Callable[[dict[str, Any]], str]:
     def why(r: dict[str, Any]) -> str:
         by_role = _sat(r, "gateway", workload)["window"].get("round_trips", {}).get("by_role", {})
         listed = ", ".join(f"{k}: {v:,}" for k, v in sorted(by_role.items(), key=lambda x: -x[1]))
-        return ("Each request's Redis calls are separate round trips, not shared with concurrent "
-                f"requests. Round trips at saturation by task: {listed}.")
+        return ("A request's copies wait for the store's next shared pipeline (`Runner._flush`, "
+                "one round trip for every request queued meanwhile); a quiet moment sends one a "
+                f"request. Round trips at saturation by task: {listed}.")
 
     return why
 
@@ -243,7 +244,7 @@ def why_redis_cpu(workload: str) -> Callable[[dict[str, Any]], str]:
                 f"event on ingest and {_num(acc['forward'].get('redis_cpu_usec_per_event'))} µs "
                 f"on the forward, against {_num(r0)} µs for R0: it runs "
                 f"{_num(x['redis_commands_per_event'])} commands per event "
-                "(scripts and the commands they run) where R0 runs one. Per event: "
+                "(commands, scripts and the commands they run) where R0 runs one. Per event: "
                 f"{_top_commands(r, workload)}.")
 
     return why
@@ -251,9 +252,11 @@ def why_redis_cpu(workload: str) -> Callable[[dict[str, Any]], str]:
 
 def why_commands(workload: str) -> Callable[[dict[str, Any]], str]:
     def why(r: dict[str, Any]) -> str:
-        return ("Every copy gets its own state (a hash, a copies list, a due-queue entry) and "
-                "a /debug history entry, written on ingest and read, rewritten and deleted on "
-                "the forward. "
+        return ("Ingest appends the copies to their shards' logs (one XADD a shard, shared by "
+                "concurrent requests); each shard's owner reads its log (XREAD), looks up the "
+                "fingerprints of keys it does not hold (HMGET a bucket) and records each batch "
+                "in one script call (the fingerprints' HSET, the /debug history's LPUSH and "
+                "LTRIM, the log's XTRIM, its bookkeeping's HSET). "
                 f"Commands per event by name, ingest + forward: {_top_commands(r, workload, 9)}.")
 
     return why
@@ -270,8 +273,8 @@ def why_remembered(r: dict[str, Any]) -> str:
              f"entries, not a cost per key) takes {_num(history / 1e6)} MB; beyond it a "
              f"remembered key costs {_num(beyond)} bytes. " if history is not None else "")
     return (f"The gateway leaves {_num(last['redis_keys_per_key'])} Redis keys per remembered "
-            f"key just after the forward. {fixed}Through `Store`, less its history, the same "
-            "state costs "
+            f"key just after the forward. {fixed}Through the store and its shards' owner "
+            "(`bench/memory.py`), less its history, the same state costs "
             f"{_num((r.get('memory') or {}).get('store_bytes_per_key_beyond_history'))} bytes "
             "per key (Memory, below).")
 
@@ -798,6 +801,9 @@ def render(r: dict[str, Any], json_path: Path) -> str:
         "From the accounting phase: a closed-loop ingest window that ends before the first key "
         "is due (so nothing is forwarded in it), then a forward window until the stand-in has "
         "every key; the background of an idle second (the forwarder's polls) is subtracted. "
+        "The shards' owners read their logs and merge as copies arrive, so Redis's figures "
+        "(commandstats, CPU) of the ingest row include that reading; the owners' round trips "
+        "and script calls, in both windows, are the forward row's. "
         "Round trips and script calls are counted in the gateway process, per task "
         "(`bench.probe`: every pipeline or command redis-py sends, and the EVALSHAs in it); "
         "script µs come from `INFO commandstats` (they include the commands the script runs); "
@@ -823,8 +829,10 @@ def render(r: dict[str, Any], json_path: Path) -> str:
     if mem:
         out += [
             "A diagnosis, not the result: "
-            f"{mem['keys']:,} keys went through the store's own scripts (`Store.ingest` of "
-            "their copies, 80% pairs, then `claim` and `ack` past the merge window) on a private "
+            f"{mem['keys']:,} keys went through the store as a gateway drives it (`Store.ingest` "
+            "of their copies, 80% pairs, into the shards' logs; the shards' owner, the gateway's "
+            "`Forwarder` with a TikTok that accepts every batch, merging, sending, remembering "
+            "the keys and trimming the logs, past the merge window) on a private "
             f"redis-server {mem['redis_version']} ({mem['mem_allocator']}); then, on the same "
             "server after FLUSHALL, the naive layout: one `SET tkgw:seen:<pixel>:<event>:"
             "<event_id> 1 PX <48 h>` per key. `used_memory` delta / keys:",
