@@ -74,7 +74,8 @@ def build_outgoing(
         pixel_code=first["pixel_code"],
         event_source=first.get("event_source") or "web",
         test_event_code=test_code,
-        body=merge_copies(c["body"] for c in key.copies),
+        # The copies were parsed for this window alone: merged in place, nothing copied.
+        body=merge_copies((c["body"] for c in key.copies), in_place=True),
     )
 
 
@@ -161,7 +162,9 @@ class Forwarder:
         self._wake.set()
 
     def _idle_seconds(self, failures: int) -> float:
-        """Until the next poll, or the next key due, whichever is first."""
+        """Until the next poll, or the next key or commit due, whichever is first; at
+        least WAKE_LINGER, so keys falling due one after another leave in batches (and a
+        shard is committed a few times a second, not once a key)."""
         poll = min(self.settings.forward_poll_interval * (1 + failures), 5.0)
         dues = [
             d
@@ -170,8 +173,8 @@ class Forwarder:
             if d is not None
         ]
         if dues:
-            poll = min(poll, max(0.0, min(dues) / 1000 - self.clock()))
-        return poll
+            poll = min(poll, min(dues) / 1000 - self.clock())
+        return max(WAKE_LINGER, poll)
 
     async def _idle(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -292,16 +295,21 @@ class Forwarder:
 
     async def forward_once(self) -> bool:
         """Read, merge, send what is due, commit; returns whether more work is waiting
-        now (a read that took a whole count, or keys due): then the next round starts at
-        once, else after a poll or a wake, so that copies arriving meanwhile share it."""
+        now (a read that took a whole count, or more keys due than a round takes): then
+        the next round starts at once, else after a poll, a wake or the next key due, so
+        that what arrives meanwhile shares the round."""
         windows = dict(self.windows)
         if not windows:
             return False
         full = await self._read(windows)
         now = self.clock()
         outgoing: list[Outgoing] = []
+        limit = self.settings.forward_batch_size
+        more = full
         for window in windows.values():
-            for key in window.take_due(int(now * 1000), self.settings.forward_batch_size):
+            taken = window.take_due(int(now * 1000), limit)
+            more = more or len(taken) == limit
+            for key in taken:
                 outgoing.append(build_outgoing(window, key, self.settings.test_event_code))
         batches: dict[tuple[str, str, str | None], list[Outgoing]] = {}
         for item in outgoing:
@@ -323,9 +331,7 @@ class Forwarder:
                     item.window.release(item.key)
             raise
         await self._commit(windows)
-        now_ms = int(self.clock() * 1000)
-        return full or any((d := w.next_due()) is not None and d <= now_ms
-                           for w in windows.values())  # fmt: skip
+        return more
 
     async def _read(self, windows: dict[int, ShardWindow]) -> bool:
         """Read every owned log once and absorb what is new; returns whether a shard had

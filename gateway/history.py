@@ -32,22 +32,73 @@ FIELD_TABLE: tuple[str, ...] = (
     "lead.lead_event_source", "partner_name", "context.ad.callback",
 )  # fmt: skip
 _INDEX = {name: i for i, name in enumerate(FIELD_TABLE)}
+
+
+def _tree(names: tuple[str, ...]) -> dict[str, Any]:
+    """FIELD_TABLE as nested dicts: a name's parts down to its bit's index."""
+    tree: dict[str, Any] = {}
+    for index, name in enumerate(names):
+        *parents, leaf = name.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = index
+    return tree
+
+
+_TREE = _tree(FIELD_TABLE)
 _SHORT = {"outcome": "o", "at": "t", "source": "s", "warnings": "w"}
 _LONG = {short: name for name, short in _SHORT.items()}
 
 
+def copy_fields(body: dict[str, Any], tree: dict[str, Any] = _TREE) -> tuple[int, list[str]]:
+    """The fields an event body carries: the bit set of those in FIELD_TABLE, and the
+    dotted names of the others; `contents` counts as one. One walk, no name built for a
+    known field: the owner does this for every copy."""
+    mask, other = 0, list[str]()
+    for key, value in body.items():
+        node = tree.get(key)
+        if isinstance(value, dict) and key != "contents":
+            if isinstance(node, dict):
+                inner, more = copy_fields(value, node)
+                mask |= inner
+                other += (f"{key}.{name}" for name in more)
+            else:
+                other += field_names(value, f"{key}.")
+        elif isinstance(node, int):
+            mask |= 1 << node
+        else:
+            other.append(key)
+    return mask, other
+
+
+def field_names(body: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of a body's fields; `contents` counts as one."""
+    names: list[str] = []
+    for key, value in body.items():
+        if isinstance(value, dict) and key != "contents":
+            names.extend(field_names(value, f"{prefix}{key}."))
+        else:
+            names.append(prefix + key)
+    return names
+
+
 def pack(member: str, record: dict[str, Any]) -> bytes:
-    """A record as stored (see the module docstring)."""
+    """A record as stored (see the module docstring). Its `fields` are names, or a
+    (bit set, other names) pair from copy_fields."""
     stored: dict[str, Any] = {"m": member}
     for name, value in record.items():
         if name == "fields":
-            mask, other = 0, []
-            for field in value:
-                index = _INDEX.get(field)
-                if index is None:
-                    other.append(field)
-                else:
-                    mask |= 1 << index
+            if isinstance(value, tuple):
+                mask, other = value
+            else:
+                mask, other = 0, []
+                for field in value:
+                    index = _INDEX.get(field)
+                    if index is None:
+                        other.append(field)
+                    else:
+                        mask |= 1 << index
             stored["f"] = format(mask, "x")
             if other:
                 stored["fx"] = other

@@ -39,16 +39,20 @@ def _fill(stored: dict[str, Any], copy: dict[str, Any], prefix: str, filled: lis
             _fill(current, value, f"{prefix}{key}.", filled)
 
 
-def merge_copies(bodies: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def merge_copies(bodies: Iterable[dict[str, Any]], *, in_place: bool = False) -> dict[str, Any]:
     """The merged body of copies given in arrival order; the first copy's values win.
 
     The bodies are left as they are: a lone copy is its own result, and where there
-    are several, the objects a merge fills are copies.
+    are several, the objects a merge fills are copies. `in_place`: the caller owns the
+    bodies, and the first becomes the result (later ones may share objects with it).
+    Merging the result with the same copies again changes nothing.
     """
     merged: dict[str, Any] = {}
     for count, body in enumerate(bodies):
         if count == 0:
             merged = body
+        elif in_place:
+            merge_into(merged, body)
         elif count == 1:
             merged = _copy_objects(merged)
             merge_into(merged, _copy_objects(body))

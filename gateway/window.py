@@ -276,15 +276,16 @@ class ShardWindow:
         values; of bounded size (see HISTORY_FIELDS_MAX)."""
         if copy.get("nd"):
             return  # a key no one can look up
-        names = field_names(copy["body"])
+        mask, other = history.copy_fields(copy["body"])
+        room = max(0, HISTORY_FIELDS_MAX - mask.bit_count())
         record: dict[str, Any] = {
             "outcome": outcome,
             "at": copy["received_ms"] / 1000,
             "source": copy.get("source"),
-            "fields": [name[:HISTORY_NAME_MAX] for name in names[:HISTORY_FIELDS_MAX]],
+            "fields": (mask, [name[:HISTORY_NAME_MAX] for name in other[:room]]),
         }
-        if len(names) > HISTORY_FIELDS_MAX:
-            record["fields_omitted"] = len(names) - HISTORY_FIELDS_MAX
+        if len(other) > room:
+            record["fields_omitted"] = len(other) - room
         if "w" in copy:
             record["warnings"] = copy["w"]
         if "dead_letter" in copy:
@@ -321,17 +322,6 @@ class ShardWindow:
         self._commit = Commit(self.shard, seen=self.read_id)
         self._committed_ms = now_ms
         return c
-
-
-def field_names(body: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted names of a body's fields; `contents` counts as one."""
-    names: list[str] = []
-    for key, value in body.items():
-        if isinstance(value, dict) and key != "contents":
-            names.extend(field_names(value, f"{prefix}{key}."))
-        else:
-            names.append(prefix + key)
-    return names
 
 
 def _id(entry_id: str) -> tuple[int, int]:

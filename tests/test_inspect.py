@@ -18,7 +18,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import window
+from gateway import history, window
 from gateway.cli import main
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
 from tests.helpers import (
@@ -259,7 +259,7 @@ async def test_a_history_entry_stays_small_whatever_a_copy_carries(
     await wait_state(gateway, "tl-big", "open")
 
     [entry] = (await debug(http, gateway, "tl-big"))["timeline"]
-    names = len(window.field_names(event))
+    names = len(history.field_names(event))
     assert len(entry["fields"]) == window.HISTORY_FIELDS_MAX
     assert entry["fields_omitted"] == names - window.HISTORY_FIELDS_MAX
     assert all(len(name) <= window.HISTORY_NAME_MAX for name in entry["fields"])
