@@ -42,7 +42,10 @@ from gateway.events import Event
 from gateway.formats import BrowserContext, ParseOptions, parse_browser, parse_event_track
 from gateway.forwarder import _timeline as forward_timeline  # the forwarder's own entry
 from gateway.ingest import _timeline as ingest_timeline  # the handlers' own entry
-from gateway.store import DEBUG_HISTORY, Store
+from gateway.settings import StoreSettings
+from gateway.store import Store
+
+DEBUG_HISTORY = StoreSettings().debug_history  # the gateway's default
 
 PIXEL = "CABCDEFGHIJ0123456789"  # TikTok pixel codes are 20-odd characters
 BATCH = 500  # events per ingest call and per claim, like a busy gateway's batches
