@@ -703,8 +703,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
 
 
 def _unknown(name: str) -> str:
-    closest = difflib.get_close_matches(name, sorted(VARIABLES), n=1)
-    hint = f"; did you mean {closest[0]}?" if closest else ""
+    # Compared without the prefix, which every name shares and would make all look alike.
+    known = sorted(v.removeprefix(PREFIX) for v in VARIABLES)
+    closest = difflib.get_close_matches(name.removeprefix(PREFIX), known, n=1)
+    hint = f"; did you mean {PREFIX}{closest[0]}?" if closest else ""
     return f"{name} is not a setting of the gateway and is ignored{hint}"
 
 
