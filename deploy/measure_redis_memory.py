@@ -50,9 +50,11 @@ from gateway.events import Event
 from gateway.formats import BrowserContext, ParseOptions, parse_browser, parse_event_track
 from gateway.forwarder import Forwarder
 from gateway.metrics import make_metrics
-from gateway.settings import Settings
-from gateway.store import DEBUG_HISTORY, Store
+from gateway.settings import Settings, StoreSettings
+from gateway.store import Store
 from gateway.upstream import Outcome, UpstreamResult
+
+DEBUG_HISTORY = StoreSettings().debug_history  # the gateway's default
 
 PIXEL = "CABCDEFGHIJ0123456789"  # TikTok pixel codes are 20-odd characters
 BATCH = 500  # events per ingest call, like a busy gateway's batches

@@ -47,7 +47,7 @@ from .forwarder import Forwarder
 from .ingest import CONTEXT, REQUEST_ID, IngestContext, envelope
 from .logs import request_context
 from .metrics import Metrics, exposition, make_metrics
-from .settings import Settings
+from .settings import Settings, StoreSettings
 from .store import RedisClient, Store, connect
 from .upstream import EventSender, SandboxSink, TikTokClient
 
@@ -89,7 +89,7 @@ class Resources:
 RESOURCES: web.AppKey[Resources] = web.AppKey("resources", Resources)
 
 
-def make_store(client: RedisClient, settings: Settings) -> Store:
+def make_store(client: RedisClient, settings: StoreSettings) -> Store:
     """The store as configured; every instance and admin command must agree on it."""
     return Store(
         client,

@@ -25,7 +25,7 @@ from .app import make_store, sandbox_log_path
 from .embedded import EmbeddedRedis
 from .errors import ConfigError, GatewayError
 from .logs import setup_logging
-from .settings import Settings
+from .settings import Settings, effective, redact_url
 from .store import Store, connect
 
 log = logging.getLogger("gateway.cli")
@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_format)
     command = args.command or "serve"
+    if command == "check-config":
+        warn_about_variables(settings)
     try:
         if command == "serve":
             if getattr(args, "worker", None) is not None:
@@ -114,10 +116,9 @@ def serve(settings: Settings, worker_count: int = 1, config: Path | None = None)
     )
     redis = settings.redis_url or f"embedded (data in {settings.data_dir})"
     log.info("tiktok-gateway %s starting", __version__)
-    log.info("Redis: %s", _redact(redis))
+    log.info("Redis: %s", redact_url(redis))
     log.info("%s", mode)
-    for retired in settings.retired:
-        log.warning("%s", retired)
+    warn_about_variables(settings)
     if not settings.sandbox and not settings.allowed_origins:
         log.warning("GATEWAY_ALLOWED_ORIGINS is empty: browsers cannot post to /pixel/events")
     if settings.demo_enabled:
@@ -126,6 +127,12 @@ def serve(settings: Settings, worker_count: int = 1, config: Path | None = None)
         return asyncio.run(workers.run(settings, worker_count, os.environ, config))
     asyncio.run(server.serve(settings))
     return 0
+
+
+def warn_about_variables(settings: Settings) -> None:
+    """One warning line a set variable that does nothing: retired, or not a setting (a typo)."""
+    for line in (*settings.retired, *settings.unknown):
+        log.warning("%s", line)
 
 
 def serve_worker(settings: Settings, parent: int) -> int:
@@ -205,6 +212,7 @@ async def _admin(command: str, args: argparse.Namespace, settings: Settings) -> 
             await store.load_scripts()
             mode = "sandbox" if settings.sandbox else f"{len(settings.pixels)} pixel(s)"
             print(f"configuration OK ({mode}); Redis reachable, {store.layout}; scripts loaded")
+            print("\n".join(effective(settings)))
             return 0
         if command == "inspect":
             state = await store.inspect(args.pixel, args.event_id, args.event)
@@ -254,12 +262,3 @@ async def _replay(store: Store, ids: Sequence[str], replay_all: bool) -> int:
     queued = await store.replay(chosen, time.time())
     print(f"replayed {queued} dead letter(s); they leave with the next forward")
     return 1 if unknown else 0
-
-
-def _redact(url: str) -> str:
-    """Hide a password in a Redis URL before it is logged."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return url

@@ -32,7 +32,7 @@ from prometheus_client import Counter
 from yarl import URL
 
 from .errors import NotOurCaller, PathNotCanonical, PathNotRelayed
-from .settings import CANONICAL_SEGMENT, Settings
+from .settings import CANONICAL_SEGMENT, UpstreamSettings
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ class Target:
         return f"{self.path}?{self.query}" if self.query else self.path
 
 
-def check_passthrough(raw_target: str, tokens: Sequence[str], settings: Settings) -> Target:
+def check_passthrough(
+    raw_target: str, tokens: Sequence[str], settings: UpstreamSettings
+) -> Target:
     """The canonical target of a pass-through request, or the RelayRefused saying why not.
 
     `raw_target` is the request target as received (aiohttp's `request.raw_path`, before
@@ -159,7 +161,7 @@ def _decode_escape(escape: re.Match[str]) -> str:
     return char
 
 
-def check_token(tokens: Sequence[str], settings: Settings) -> None:
+def check_token(tokens: Sequence[str], settings: UpstreamSettings) -> None:
     """Refuse unless the one Access-Token is a configured pixel's token (constant time)."""
     if settings.sandbox:
         raise NotOurCaller(

@@ -147,6 +147,23 @@ async def test_check_config_against_redis_says_ok(cli: Cli) -> None:
     assert result.err == ""
 
 
+async def test_check_config_lists_the_effective_settings_secrets_masked(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "admin-secret")
+    monkeypatch.setenv("GATEWAY_MERGE_WINDOWS", "10")  # a typo: ignored, but named
+    result = await cli("check-config")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert f"GATEWAY_PIXELS={PIXEL}=***,{PIXEL2}=***" in lines
+    assert "GATEWAY_ADMIN_TOKEN=***" in lines
+    assert "GATEWAY_SHARDS=4" in lines and "GATEWAY_MERGE_WINDOW=300" in lines
+    assert not [line for line in lines if TOKEN in line or TOKEN2 in line or "secret" in line]
+    [warning] = [r for r in caplog.records if "GATEWAY_MERGE_WINDOWS" in r.getMessage()]
+    assert warning.levelname == "WARNING"
+    assert warning.getMessage().endswith("did you mean GATEWAY_MERGE_WINDOW?")
+
+
 async def test_check_config_records_no_layout_of_its_own(
     cli: Cli, redis_client: aioredis.Redis
 ) -> None:

@@ -108,8 +108,9 @@ async def _run_cli(data_dir: Path, *argv: str) -> tuple[int, str, str]:
 async def test_serve_embedded_sandbox_survives_a_restart(
     start_gateway: Starter, data_dir: Path
 ) -> None:
-    # A variable of an earlier version, still set: named, not silently ignored.
-    gateway = await start_gateway(GATEWAY_TIMELINE_RETENTION="3600")
+    # A variable of an earlier version, still set, and a mistyped one: named, not silently
+    # ignored.
+    gateway = await start_gateway(GATEWAY_TIMELINE_RETENTION="3600", GATEWAY_EARLY_FLUSHH="0")
 
     # -- start-up says where it listens, that Redis is embedded, and SANDBOX mode.
     lines = gateway.log_lines()
@@ -121,6 +122,8 @@ async def test_serve_embedded_sandbox_survives_a_restart(
     assert any(m.startswith("SANDBOX mode") for m in messages), messages
     [retired] = [line for line in lines if "GATEWAY_TIMELINE_RETENTION" in line["message"]]
     assert retired["level"] == "warning" and "GATEWAY_DEBUG_HISTORY" in retired["message"]
+    [typo] = [line for line in lines if "GATEWAY_EARLY_FLUSHH" in line["message"]]
+    assert typo["level"] == "warning" and typo["message"].endswith("GATEWAY_EARLY_FLUSH?")
     redis_pid = embedded_redis_pid(data_dir)
     assert redis_pid is not None and alive(redis_pid)
     assert (data_dir / "redis.sock").is_socket()

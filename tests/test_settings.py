@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.settings import Settings
+from gateway.settings import (
+    DECLARED,
+    GROUPS,
+    Declared,
+    Settings,
+    StoreSettings,
+    effective,
+    markdown_table,
+)
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_defaults_match_the_contract() -> None:
@@ -151,7 +162,7 @@ def test_wait_replicas_and_their_timeout() -> None:
 
 
 def test_debug_history_is_a_number_of_entries_and_zero_turns_it_off() -> None:
-    assert Settings.from_env({}).debug_history == 100_000
+    assert Settings.from_env({}).debug_history == 10_000
     assert Settings.from_env({"GATEWAY_DEBUG_HISTORY": "2000"}).debug_history == 2000
     assert Settings.from_env({"GATEWAY_DEBUG_HISTORY": "0"}).debug_history == 0
 
@@ -164,3 +175,75 @@ def test_a_retired_variable_is_named_with_what_replaced_it(tmp_path: Path) -> No
     config = tmp_path / "gateway.toml"
     config.write_text("timeline_retention = 0\n")
     assert len(Settings.from_env({}, config).retired) == 1
+
+
+def test_the_readme_table_is_the_declarations() -> None:
+    # Regenerate with: python -c "from gateway.settings import *; print(markdown_table())"
+    readme = README.read_text()
+    start = readme.index("| name | default | meaning |")
+    assert readme[start : readme.index("\n\n", start) + 1] == markdown_table()
+
+
+@pytest.mark.parametrize("declared", DECLARED, ids=lambda d: d.variable.name)
+def test_each_declared_default_reads_back_from_what_the_readme_shows(declared: Declared) -> None:
+    shown = declared.shown_default
+    if declared.variable.unset is not None and not declared.default:
+        assert shown == declared.variable.unset
+        return
+    # The README's default, set as the variable, gives the default.
+    [text] = re.fullmatch(r"`(.*)`", shown).groups()  # type: ignore[union-attr]
+    assert declared.value(Settings.from_env({declared.variable.name: text})) == declared.default
+    assert declared.value(Settings()) == declared.default
+
+
+def test_every_field_of_a_group_is_declared_once() -> None:
+    names = [name for d in DECLARED for name in d.fields]
+    assert len(names) == len(set(names))
+    assert set(names) == {f for group in GROUPS for f in group.__dataclass_fields__}
+    variables = [d.variable.name for d in DECLARED]
+    assert len(variables) == len(set(variables))
+
+
+def test_settings_are_every_group_so_a_component_takes_only_its_own() -> None:
+    s = Settings.from_env({"GATEWAY_SHARDS": "4", "GATEWAY_MERGE_WINDOW": "7"})
+    for group in GROUPS:
+        assert isinstance(s, group)
+    store = StoreSettings()
+    assert (s.shards, s.merge_window, store.shards) == (4, 7.0, 16)
+
+
+def test_an_unknown_variable_is_named_with_the_closest_known_one(tmp_path: Path) -> None:
+    s = Settings.from_env({"GATEWAY_MERGE_WINDOWS": "10", "GATEWAY_QQQ": "1", "OTHER": "x"})
+    assert s.unknown == (
+        "GATEWAY_MERGE_WINDOWS is not a setting of the gateway and is ignored; "
+        "did you mean GATEWAY_MERGE_WINDOW?",
+        "GATEWAY_QQQ is not a setting of the gateway and is ignored",
+    )
+    assert s.merge_window == 300  # ignored, as before
+    assert Settings.from_env({"GATEWAY_TIMELINE_RETENTION": "1"}).unknown == ()  # retired
+    config = tmp_path / "gateway.toml"
+    config.write_text("erly_flush = false\n")
+    [said] = Settings.from_env({}, config).unknown
+    assert said.startswith("GATEWAY_ERLY_FLUSH is not") and said.endswith("GATEWAY_EARLY_FLUSH?")
+
+
+def test_the_effective_settings_mask_secrets() -> None:
+    lines = effective(
+        Settings.from_env(
+            {
+                "GATEWAY_PIXELS": "PIX1=secret-token-1,PIX2=secret-token-2",
+                "GATEWAY_ADMIN_TOKEN": "secret-admin",
+                "GATEWAY_REDIS_URL": "redis://user:secret-pw@redis:6379/0",
+                "GATEWAY_LISTEN": "[::]:9000",
+                "GATEWAY_MERGE_WINDOW": "2.5",
+            }
+        )
+    )
+    assert not [line for line in lines if "secret" in line]
+    assert "GATEWAY_PIXELS=PIX1=***,PIX2=***" in lines
+    assert "GATEWAY_ADMIN_TOKEN=***" in lines
+    assert "GATEWAY_REDIS_URL=redis://user:***@redis:6379/0" in lines
+    assert "GATEWAY_LISTEN=[::]:9000" in lines
+    assert "GATEWAY_MERGE_WINDOW=2.5" in lines
+    assert "GATEWAY_PHONE_REGION=  # unset" in lines
+    assert len(lines) == len(DECLARED)

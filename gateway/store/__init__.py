@@ -7,14 +7,13 @@
     reading.py   counts, backlog, dead letters, one key's state and timeline
 """
 
-from .keys import DEBUG_HISTORY, HISTORY_MIN_PER_SHARD, HISTORY_READ_CHUNK, LAYOUT_KEY, Keys
+from .keys import HISTORY_MIN_PER_SHARD, HISTORY_READ_CHUNK, LAYOUT_KEY, Keys
 from .reading import Backlog, DeadLetter
 from .runner import BATCH_CALL_MAX, BatchItem, RedisClient, Runner, connect
 from .state import Commit, LogEntry, Store
 
 __all__ = [
     "BATCH_CALL_MAX",
-    "DEBUG_HISTORY",
     "HISTORY_MIN_PER_SHARD",
     "HISTORY_READ_CHUNK",
     "LAYOUT_KEY",

@@ -75,7 +75,6 @@ from ..events import Event, Source, dedup_name
 
 LAYOUT_KEY = "tkgw:layout"
 INSTANCES_KEY = "tkgw:instances"
-DEBUG_HISTORY = 10_000  # history records kept over all shards, by default (about 2 MB)
 HISTORY_MIN_PER_SHARD = 10  # records kept a shard at least, when the history is on
 HISTORY_READ_CHUNK = 1000  # records a history scan reads a round trip
 SOURCE_BITS: dict[Source, int] = {"pixel": 1, "server": 2}

@@ -21,10 +21,13 @@ from redis.asyncio.cluster import RedisCluster
 
 from ..errors import LayoutMismatch
 from ..events import Event
-from .keys import DEBUG_HISTORY, INSTANCES_KEY, LAYOUT_KEY, Keys
+from ..settings import StoreSettings
+from .keys import INSTANCES_KEY, LAYOUT_KEY, Keys
 from .reading import Backlog, DeadLetter, Reader
 from .runner import BatchItem, RedisClient, Runner, log, text
 
+# The store's options default to the settings' (GATEWAY_SHARDS, ...), declared there once.
+DEFAULTS = StoreSettings()
 LEGACY_IMPORT_CHUNK = 500  # pending keys of the previous design imported a script call
 
 
@@ -60,16 +63,16 @@ class Store(Keys):
         self,
         client: RedisClient,
         *,
-        shards: int = 16,
-        merge_window: float = 300.0,
-        dedup_window: float = 172_800.0,
-        early_flush: bool = True,
-        legacy_aliases: bool = True,
-        history: int = DEBUG_HISTORY,
-        dedup_buckets: int = 1024,
-        wait_replicas: int = 0,
-        wait_timeout: float = 1.0,
-        lease: float = 15.0,
+        shards: int = DEFAULTS.shards,
+        merge_window: float = DEFAULTS.merge_window,
+        dedup_window: float = DEFAULTS.dedup_window,
+        early_flush: bool = DEFAULTS.early_flush,
+        legacy_aliases: bool = DEFAULTS.legacy_aliases,
+        history: int = DEFAULTS.debug_history,
+        dedup_buckets: int = DEFAULTS.dedup_buckets,
+        wait_replicas: int = DEFAULTS.redis_wait_replicas,
+        wait_timeout: float = DEFAULTS.redis_wait_timeout,
+        lease: float = DEFAULTS.forward_lease,
     ) -> None:
         super().__init__(
             shards=shards, dedup_buckets=dedup_buckets, legacy_aliases=legacy_aliases,
