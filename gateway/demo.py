@@ -28,9 +28,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from .appkeys import METRICS, SETTINGS, STORE
 from .errors import InvalidRequest
 from .events import validate_event_id
-from .ingest import CONTEXT, read_body
+from .ingest import read_body
 from .settings import Settings
 
 SANDBOX_PIXEL = "CDEMOPIXEL"
@@ -126,7 +127,7 @@ async def order(request: web.Request) -> web.Response:
     demo = request.app[DEMO]
     try:
         # Within the body deadline, like every other body: no slow-loris door on a demo.
-        body = orjson.loads(await read_body(request, request.app[CONTEXT].settings))
+        body = orjson.loads(await read_body(request, request.app[SETTINGS]))
     except orjson.JSONDecodeError:
         raise InvalidRequest("", "body must be JSON") from None
     if not isinstance(body, dict):
@@ -187,15 +188,14 @@ def own_url(request: web.Request) -> str:
 
 async def status(request: web.Request) -> web.Response:
     """GET /demo/status?pixel=&event=&event_id= — what became of one event, and counters."""
-    ctx = request.app[CONTEXT]
     demo = request.app[DEMO]
     q = request.query
     key = forwarded = None
     if q.get("pixel") and q.get("event") and q.get("event_id"):
-        key = await ctx.store.inspect(q["pixel"], q["event_id"], q["event"])
+        key = await request.app[STORE].inspect(q["pixel"], q["event_id"], q["event"])
         if key is not None and key.get("state") == "sent" and demo.sandbox_log is not None:
             forwarded = await asyncio.to_thread(_forwarded, demo.sandbox_log, q["event_id"])
-    body = {"key": key, "forwarded": forwarded, "metrics": counters(ctx.metrics.registry)}
+    body = {"key": key, "forwarded": forwarded, "metrics": counters(request.app[METRICS].registry)}
     return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode(), headers=NO_STORE)
 
 

@@ -18,7 +18,7 @@
     │       └── PathNotRelayed     404: not under GATEWAY_PASSTHROUGH_PATHS
     └── StoreUnavailable       Redis cannot be reached; nothing was acknowledged
 
-Handlers raise these; one middleware (`app.error_middleware`) turns them into
+Handlers raise these; one middleware (`answers.error_middleware`) turns them into
 responses. TikTok answers errors on its own paths as HTTP 200 with a non-zero
 `code`, and so do we where a client of TikTok expects it (`tiktok_status`).
 """

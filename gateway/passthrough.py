@@ -31,7 +31,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import Counter
 from yarl import URL
 
-from .errors import NotOurCaller, PathNotCanonical, PathNotRelayed
+from .appkeys import METRICS, SESSION, SETTINGS
+from .errors import NotFound, NotOurCaller, PathNotCanonical, PathNotRelayed
+from .ingest import INGEST_PATHS
 from .settings import CANONICAL_SEGMENT, UpstreamSettings
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,24 @@ class Target:
     @property
     def path_qs(self) -> str:
         return f"{self.path}?{self.query}" if self.query else self.path
+
+
+async def handler(request: web.Request) -> web.StreamResponse:
+    """Other /open_api/ paths go to TikTok, for our callers and allowed paths only: a
+    client's whole base URL can point here (`check_passthrough` says what passes)."""
+    settings = request.app[SETTINGS]
+    if request.path in INGEST_PATHS:
+        raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+    if not settings.passthrough:
+        raise NotFound(f"{request.path} is not served here (GATEWAY_PASSTHROUGH=0)")
+    # The raw target: aiohttp's request.path is already decoded (%2e%2e is ..).
+    target = check_passthrough(
+        request.raw_path, request.headers.getall("Access-Token", []), settings
+    )
+    return await proxy(
+        request, request.app[SESSION], settings.upstream_url, target,
+        outcomes=request.app[METRICS].passthrough_requests,
+    )
 
 
 def check_passthrough(

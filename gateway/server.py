@@ -23,7 +23,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import RESOURCES, create_app
+from .app import create_app
+from .appkeys import EMBEDDED
 from .errors import ConfigError
 from .settings import Settings
 
@@ -117,7 +118,7 @@ async def _parent_gone(parent: int) -> None:
 
 def _force_exit(app: web.Application, why: str) -> None:
     log.error("forced exit (%s); unfinished batches return after their lease", why)
-    embedded = app[RESOURCES].embedded
+    embedded = app.get(EMBEDDED)
     if embedded is not None and embedded.pid is not None:
         # SIGTERM makes redis-server sync its append-only file before it exits.
         os.kill(embedded.pid, signal.SIGTERM)

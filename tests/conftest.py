@@ -23,7 +23,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.app import RESOURCES, create_app
+from gateway.app import create_app
+from gateway.appkeys import STORE
 from gateway.embedded import EmbeddedRedis
 from gateway.settings import Settings
 from tests.cluster import LocalCluster
@@ -120,7 +121,7 @@ class Gateway:
 
     @property
     def store(self) -> Any:
-        return self.app[RESOURCES].store
+        return self.app[STORE]
 
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]

@@ -23,7 +23,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
 from bench.cluster import primary_of
-from gateway.app import RESOURCES
+from gateway.appkeys import FORWARDER
 from gateway.errors import StoreUnavailable
 from gateway.store import Store, connect
 from tests.cluster import NODES, LocalCluster
@@ -260,7 +260,7 @@ async def test_one_primary_away_leaves_the_other_shards_forwarding(
     http: aiohttp.ClientSession,
 ) -> None:
     gateway = await make_gateway(merge_window=0.1, forward_lease=1.5)
-    forwarder = gateway.app[RESOURCES].forwarder
+    forwarder = gateway.app[FORWARDER]
     await wait_for(lambda: len(forwarder.windows) == SHARDS, "every shard owned")
     store: Store = gateway.store
     victim = primary_of("tkgw:instances")  # the heartbeats' node too: the hardest case

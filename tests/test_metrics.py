@@ -34,7 +34,7 @@ KEYS = "gateway_forwarded_keys_total"
 
 @pytest.fixture
 def fast_gauges(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.app.GAUGE_REFRESH_SECONDS", 0.05)
+    monkeypatch.setattr("gateway.housekeeping.GAUGE_REFRESH_SECONDS", 0.05)
 
 
 async def until(gateway: Gateway, name: str, check: object, labels: dict[str, str] | None = None,

@@ -217,7 +217,7 @@ async def test_a_real_prometheus_runs_every_dashboard_and_rule_expression(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("gateway.app.GAUGE_REFRESH_SECONDS", 0.2)
+    monkeypatch.setattr("gateway.housekeeping.GAUGE_REFRESH_SECONDS", 0.2)
     gateway = await make_gateway(merge_window=0.3)
     target = gateway.url.removeprefix("http://")
     async with prometheus_scraping(target, tmp_path, http) as prometheus:

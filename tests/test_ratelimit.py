@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.ingest import rate_key
+from gateway.browser import rate_key
 from gateway.store import Store
 from tests.conftest import Gateway, GatewayFactory, free_port
 from tests.helpers import browser_event, is_rate_counter

@@ -31,7 +31,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.app import RESOURCES
+from gateway.appkeys import FORWARDER
 from gateway.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 from gateway.settings import Settings
@@ -446,7 +446,7 @@ async def test_scripts_reload_after_a_restart_emptied_the_script_cache(
     """
     own = await own_redis()
     gateway = await make_gateway(redis_url=own.url, merge_window=60.0, forward=False)
-    forwarder = gateway.app[RESOURCES].forwarder
+    forwarder = gateway.app[FORWARDER]
     assert forwarder is not None
     shas = [script.sha for script in gateway.store.runner.scripts.values()]
     for event_id in ("script-0", "script-1"):
