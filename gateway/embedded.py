@@ -28,6 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .backoff import doubling
 from .errors import ConfigError, StoreUnavailable
 
 log = logging.getLogger("gateway.embedded")
@@ -50,14 +51,9 @@ _RESTART_BASE_SECONDS = 0.1
 _RESTART_CAP_SECONDS = 2.0
 
 
-def doubling_delay(failures: int, base: float, cap: float) -> float:
-    """`base` seconds after the first of `failures` (1-based) quick deaths, doubling, capped."""
-    return min(base * 2.0 ** max(failures - 1, 0), cap)
-
-
 def restart_delay(failures: int) -> float:
     """Seconds to wait before restart number `failures` (1-based) in a quick series."""
-    return doubling_delay(failures, _RESTART_BASE_SECONDS, _RESTART_CAP_SECONDS)
+    return doubling(failures, base=_RESTART_BASE_SECONDS, cap=_RESTART_CAP_SECONDS)
 
 
 def find_redis_server() -> str:
