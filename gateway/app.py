@@ -28,16 +28,10 @@ from redis.exceptions import RedisClusterException, RedisError
 from . import demo, ingest, passthrough, pixeljs
 from .embedded import EmbeddedRedis
 from .errors import (
-    AuthError,
     BodyTimeout,
     GatewayError,
-    InvalidEvent,
-    InvalidJSON,
-    InvalidRequest,
     LayoutMismatch,
     NotFound,
-    OriginNotAllowed,
-    PayloadTooLarge,
     RateLimited,
     RelayRefused,
     RequestError,
@@ -344,7 +338,7 @@ async def _answer(
     except (StoreUnavailable, RedisError, RedisClusterException) as exc:
         # RedisError: the store translates every one; this is the net under a path it missed.
         request.app[METRICS].redis_errors.inc()
-        request.app[METRICS].rejected.labels("store_unavailable").inc()
+        request.app[METRICS].rejected.labels(StoreUnavailable.reason).inc()
         log.warning("refused %s %s: %s", request.method, request.path, exc)
         return envelope(
             request,
@@ -384,22 +378,8 @@ def _count_rejection(request: web.Request, exc: RequestError) -> None:
     metrics = request.app[METRICS]
     if isinstance(exc, RelayRefused):
         metrics.passthrough_requests.labels(exc.outcome).inc()
-        return
-    if isinstance(exc, InvalidEvent):
-        return  # counted per event where the events were parsed
-    reason = {
-        AuthError: "auth",
-        BodyTimeout: "body_timeout",
-        OriginNotAllowed: "origin",
-        PayloadTooLarge: "too_large",
-        RateLimited: "rate_limited",
-        InvalidRequest: "invalid_request",
-        InvalidJSON: "invalid_json",
-    }.get(type(exc))
-    if isinstance(exc, AuthError) and exc.code == 40001:
-        reason = "unknown_pixel"
-    if reason is not None:
-        metrics.rejected.labels(reason).inc()
+    elif exc.reason is not None:
+        metrics.rejected.labels(exc.reason).inc()
 
 
 async def _name_worker(_request: web.Request, response: web.StreamResponse) -> None:

@@ -208,7 +208,7 @@ def parse_pixel_track(doc: Any, opts: ParseOptions) -> ParsedBody:
     try:
         event = _pixel_event(body, pixel_code, test_code, opts, warnings, renames)
     except InvalidEvent as exc:
-        raise InvalidEvent(_translate(exc.field, renames), exc.reason) from None
+        raise InvalidEvent(_translate(exc.field, renames), exc.detail) from None
     return ParsedBody(pixel_code, [_with_warnings(event, warnings)], [])
 
 
@@ -262,7 +262,7 @@ def _parse_events(
             events.append(_with_warnings(convert(raw, warnings, renames), warnings))
         except InvalidEvent as exc:
             field = _translate(exc.field, renames)
-            refused.append(Refusal(index, _join(prefix, index, field), exc.reason))
+            refused.append(Refusal(index, _join(prefix, index, field), exc.detail))
     return ParsedBody(pixel_code, events, refused)
 
 

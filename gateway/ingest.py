@@ -36,6 +36,7 @@ from .errors import (
     OriginNotAllowed,
     PayloadTooLarge,
     RateLimited,
+    UnknownPixel,
 )
 from .events import Event, Source, ttclid_from_url
 from .field_warnings import WarningLog
@@ -131,7 +132,7 @@ def authenticate(settings: Settings, pixel_code: str | None, token: str | None) 
         return
     expected = settings.pixels.get(pixel_code or "")
     if expected is None:
-        raise AuthError(40001, f"No permission to operate pixel code: {pixel_code}")
+        raise UnknownPixel(f"No permission to operate pixel code: {pixel_code}")
     if not token:
         raise AuthError(40104, "Access token is null, please check the Access-Token header")
     if not hmac.compare_digest(token.encode(), expected.encode()):
@@ -377,7 +378,7 @@ def _decode(raw: bytes) -> Any:
     try:
         return formats.decode_json(raw)
     except InvalidRequest as exc:
-        raise InvalidJSON(exc.field, exc.reason) from None
+        raise InvalidJSON(exc.field, exc.detail) from None
 
 
 def _options(ctx: IngestContext, now: float, max_events: int | None = None) -> formats.ParseOptions:

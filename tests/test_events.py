@@ -146,7 +146,7 @@ def test_future_limit() -> None:
     with pytest.raises(InvalidEvent) as exc:
         parse_event_time(int(NOW) + MAX_FUTURE_SECONDS + 1, now=NOW)
     assert exc.value.field == "event_time"
-    assert "future" in exc.value.reason
+    assert "future" in exc.value.detail
 
 
 @pytest.mark.parametrize(

@@ -259,9 +259,9 @@ def outcome(parse: Callable[[], ParsedBody], prefix: str) -> Outcome:
     try:
         parsed = parse()
     except InvalidEvent as exc:  # pixel/track's one event
-        return "refused", (exc.field, exc.reason)
+        return "refused", (exc.field, exc.detail)
     except InvalidRequest as exc:
-        return "request refused", (exc.field, exc.reason)
+        return "request refused", (exc.field, exc.detail)
     if parsed.refused:
         [refusal] = parsed.refused
         field = refusal.field
