@@ -153,8 +153,9 @@ async def browser_events(request: web.Request) -> web.Response:
     # Before the body is read: a flood is turned away for one Redis round trip. A rate of
     # 0 turns the limit off (and saves that round trip) where a CDN limits rates already.
     if settings.pixel_rate_limit > 0:
+        subject = rate_limit_subject(client_ip)
         wait = await ctx.store.rate_limit(
-            rate_key(client_ip), now, settings.pixel_rate_limit, settings.pixel_rate_burst
+            subject, now, settings.pixel_rate_limit, settings.pixel_rate_burst
         )
         if wait > 0:
             raise RateLimited(
@@ -190,7 +191,7 @@ async def _read_beacon(request: web.Request, settings: Settings) -> bytes:
     return raw
 
 
-def rate_key(address: str | None) -> str:
+def rate_limit_subject(address: str | None) -> str:
     """Whom the rate limit counts: an IPv4 address, or an IPv6 /64 (one subscriber's
     network: a client holding a /64 must not get 2**64 separate budgets)."""
     if not address:

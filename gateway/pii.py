@@ -269,7 +269,6 @@ _SINGLE_FIELDS: dict[str, Normaliser] = {
     "idfv": _raw,
     "gaid": _raw,
 }
-USER_FIELDS = frozenset(_LIST_FIELDS) | frozenset(_SINGLE_FIELDS)
 # Identifiers that clients often send as JSON numbers; read as their digits.
 _NUMBER_AS_TEXT = frozenset({"phone", "external_id", "zip_code"})
 
