@@ -29,8 +29,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .errors import InvalidRequest
-from .events import validate_event_id
 from .ingest import CONTEXT, read_body
+from .normalise import validate_event_id
 from .settings import Settings
 
 DEMO_PIXEL_CODE = "CDEMOPIXEL"  # the demo's pixel in sandbox mode, where none is configured

@@ -38,10 +38,11 @@ from .errors import (
     RateLimited,
     UnknownPixel,
 )
-from .events import Event, Source, ttclid_from_url
+from .events import Event, Source
 from .field_warnings import WarningLog
 from .forwarder import Forwarder
 from .metrics import Metrics
+from .normalise import ttclid_from_url
 from .pii import is_plain_ipv4
 from .settings import Settings
 from .store import Store

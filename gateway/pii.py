@@ -298,7 +298,7 @@ def normalise_user(
                 cleaned = _list_or_string(value, key, normalise, key, warnings)
             else:
                 cleaned = _single(value, key, normalise, key, warnings)
-        except InvalidEvent as exc:  # its path is built only now (events.py says why)
+        except InvalidEvent as exc:  # its path is built only now (fields.py says why)
             raise exc.within(path) from None
         if cleaned is not None:
             user[key] = cleaned
