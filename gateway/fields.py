@@ -78,6 +78,7 @@ def _seconds_from_iso(text: str) -> int:
 
 
 def clean_object(value: Any, field: str) -> dict[str, Any] | None:
+    """An object as it is (its fields are cleaned by the caller)."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -86,6 +87,7 @@ def clean_object(value: Any, field: str) -> dict[str, Any] | None:
 
 
 def clean_text(value: Any, field: str) -> str | None:
+    """A string of at most MAX_STRING_LENGTH characters."""
     if type(value) is str and len(value) <= MAX_STRING_LENGTH:  # nearly every value
         return value or None
     if value is None:
@@ -112,6 +114,7 @@ def clean_id(value: Any, field: str) -> str | None:
 
 
 def clean_id_list(value: Any, field: str) -> list[str] | None:
+    """A list of ids, each as `clean_id` reads it."""
     if value is None:
         return None
     if not isinstance(value, list):
@@ -130,6 +133,7 @@ def clean_id_list(value: Any, field: str) -> list[str] | None:
 
 
 def clean_bool(value: Any, field: str) -> bool | None:
+    """true or false."""
     if value is None or isinstance(value, bool):
         return value
     raise InvalidEvent(field, "must be true or false")
@@ -162,6 +166,7 @@ def as_number(value: Any) -> int | float | None:
 
 
 def clean_money(value: Any, field: str) -> int | float | None:
+    """An amount: a number or a numeric string ("10.00")."""
     if value is None or value == "":
         return None
     number = as_number(value)
@@ -171,6 +176,7 @@ def clean_money(value: Any, field: str) -> int | float | None:
 
 
 def clean_whole(value: Any, field: str) -> int | None:
+    """A count: an integer within 64 bits (2.0 and "2" are 2)."""
     if type(value) is int and _INT_MIN <= value <= _INT_MAX:  # nearly every value
         return value
     if value is None or value == "":
@@ -184,6 +190,7 @@ def clean_whole(value: Any, field: str) -> int | None:
 
 
 def clean_share(value: Any, field: str) -> float | None:
+    """A fraction as a float; its range is TikTok's advice, checked elsewhere."""
     if value is None:
         return None
     number = as_number(value)
