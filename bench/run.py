@@ -85,7 +85,8 @@ from bench.common import (
     wait_http,
 )
 from bench.traffic import DUPLICATE_RATE, NO_ID_RATE
-from gateway.embedded import EmbeddedRedis, find_redis_server
+from gateway.embedded import EmbeddedRedis
+from gateway.redis_process import find_redis_server
 from gateway.settings import Settings
 from gateway.store import Store
 

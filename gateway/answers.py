@@ -18,15 +18,9 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from .appkeys import METRICS, SETTINGS
 from .errors import (
-    AuthError,
     BodyTimeout,
     GatewayError,
-    InvalidEvent,
-    InvalidJSON,
-    InvalidRequest,
     NotFound,
-    OriginNotAllowed,
-    PayloadTooLarge,
     RateLimited,
     RelayRefused,
     RequestError,
@@ -132,19 +126,5 @@ def _count_rejection(request: web.Request, exc: RequestError) -> None:
     metrics = request.app[METRICS]
     if isinstance(exc, RelayRefused):
         metrics.passthrough_requests.labels(exc.outcome).inc()
-        return
-    if isinstance(exc, InvalidEvent):
-        return  # counted per event where the events were parsed
-    reason = {
-        AuthError: "auth",
-        BodyTimeout: "body_timeout",
-        OriginNotAllowed: "origin",
-        PayloadTooLarge: "too_large",
-        RateLimited: "rate_limited",
-        InvalidRequest: "invalid_request",
-        InvalidJSON: "invalid_json",
-    }.get(type(exc))
-    if isinstance(exc, AuthError) and exc.code == 40001:
-        reason = "unknown_pixel"
-    if reason is not None:
-        metrics.rejected.labels(reason).inc()
+    elif exc.reason is not None:
+        metrics.rejected.labels(exc.reason).inc()

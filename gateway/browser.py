@@ -21,9 +21,10 @@ from aiohttp import web
 from . import formats
 from .appkeys import METRICS, SETTINGS, STORE
 from .errors import OriginNotAllowed, PayloadTooLarge, RateLimited
-from .events import Event, ttclid_from_url
+from .events import Event
 from .ingest import INGEST, decode_body, parse_options, read_body, store_and_answer
 from .metrics import Metrics
+from .normalise import ttclid_from_url
 from .pii import is_plain_ipv4
 from .settings import Settings
 
@@ -40,7 +41,7 @@ async def browser_events(request: web.Request) -> web.Response:
     # 0 turns the limit off (and saves that round trip) where a CDN limits rates already.
     if settings.pixel_rate_limit > 0:
         wait = await app[STORE].rate_limit(
-            rate_key(client_ip), now, settings.pixel_rate_limit, settings.pixel_rate_burst
+            rate_limit_subject(client_ip), now, settings.pixel_rate_limit, settings.pixel_rate_burst
         )
         if wait > 0:
             raise RateLimited(
@@ -76,7 +77,7 @@ async def _read_beacon(request: web.Request, settings: Settings) -> bytes:
     return raw
 
 
-def rate_key(address: str | None) -> str:
+def rate_limit_subject(address: str | None) -> str:
     """Whom the rate limit counts: an IPv4 address, or an IPv6 /64 (one subscriber's
     network: a client holding a /64 must not get 2**64 separate budgets)."""
     if not address:

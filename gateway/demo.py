@@ -30,11 +30,11 @@ from prometheus_client import CollectorRegistry
 
 from .appkeys import METRICS, SETTINGS, STORE
 from .errors import InvalidRequest
-from .events import validate_event_id
 from .ingest import read_body
+from .normalise import validate_event_id
 from .settings import Settings
 
-SANDBOX_PIXEL = "CDEMOPIXEL"
+DEMO_PIXEL_CODE = "CDEMOPIXEL"  # the demo's pixel in sandbox mode, where none is configured
 DEMO_EMAIL = "jane.doe@example.com"  # what only the shop's server knows
 DEMO_EVENTS = ("AddToCart", "CompletePayment")
 TRACK_PATH = "/open_api/v1.3/event/track/"
@@ -65,7 +65,7 @@ DEMO: web.AppKey[Demo] = web.AppKey("demo", Demo)
 def add_routes(app: web.Application, settings: Settings, sandbox_log: Path | None) -> None:
     """Serve the demo on `app`; the caller decides whether it should (settings.demo_enabled)."""
     if settings.sandbox:
-        pixel, token = SANDBOX_PIXEL, "sandbox"
+        pixel, token = DEMO_PIXEL_CODE, "sandbox"
     else:
         pixel, token = next(iter(settings.pixels.items()))
     static = importlib.resources.files("gateway") / "static"

@@ -1,12 +1,14 @@
-"""The gateway's exceptions, and the TikTok codes they answer with.
+"""The gateway's exceptions, the TikTok codes they answer with, and how they are counted.
 
     GatewayError
     ├── ConfigError            bad configuration; stops start-up with one line
+    │   └── LayoutMismatch     this Redis holds state laid out with other shards or buckets
     ├── RequestError           the client's fault; answered in TikTok's envelope
     │   ├── InvalidRequest     malformed body or field (names the field)
     │   │   ├── InvalidEvent   one event of a request is malformed
     │   │   └── InvalidJSON    the body is not JSON: empty, not UTF-8, unparseable, too deep
-    │   ├── AuthError          missing or wrong Access-Token, unknown pixel
+    │   ├── AuthError          missing or wrong Access-Token
+    │   │   └── UnknownPixel   a pixel code that is not configured
     │   ├── PayloadTooLarge    body over the size limit
     │   ├── BodyTimeout        body not received in time (a slow-loris trickle)
     │   ├── OriginNotAllowed   browser request from an origin not configured
@@ -21,6 +23,8 @@
 Handlers raise these; one middleware (`answers.error_middleware`) turns them into
 responses. TikTok answers errors on its own paths as HTTP 200 with a non-zero
 `code`, and so do we where a client of TikTok expects it (`tiktok_status`).
+Each class's `reason` is its `gateway_events_rejected_total` label (None: not
+counted there); a refused pass-through request is counted by its `outcome`.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class RequestError(GatewayError):
     http_status = 400
     # Status on TikTok-compatible paths: TikTok itself answers 200 with a code.
     tiktok_status = 200
+    reason: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -69,15 +74,18 @@ class InvalidRequest(RequestError):
     """The body, or one of its fields, is malformed."""
 
     code = 40002
+    reason: str | None = "invalid_request"
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
-        self.reason = message
+        self.detail = message  # what is wrong, without the field's name
 
 
 class InvalidEvent(InvalidRequest):
     """One event of a request is malformed; the others may still be accepted."""
+
+    reason = None  # counted per event, where the events were parsed
 
     def within(self, head: str) -> InvalidEvent:
         """The same error with its field named from `head`, the path of what holds it:
@@ -85,27 +93,40 @@ class InvalidEvent(InvalidRequest):
         only when raising (building "data.3.user.email" for every field would cost)."""
         if not head:
             return self
-        return InvalidEvent(f"{head}.{self.field}" if self.field else head, self.reason)
+        return InvalidEvent(f"{head}.{self.field}" if self.field else head, self.detail)
 
 
 class InvalidJSON(InvalidRequest):
     """The body cannot be read as JSON at all (counted apart from well-formed bad bodies)."""
 
+    reason = "invalid_json"
+
 
 class AuthError(RequestError):
-    """Missing or wrong Access-Token (40104, 40105) or unknown pixel (40001)."""
+    """Missing or wrong Access-Token (40104, 40105)."""
 
     http_status = 401
+    reason = "auth"
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
+class UnknownPixel(AuthError):
+    """A pixel code that is not one of GATEWAY_PIXELS (TikTok's "no permission", 40001)."""
+
+    reason = "unknown_pixel"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(40001, message)
+
+
 class PayloadTooLarge(RequestError):
     code = 40002
     http_status = 413
     tiktok_status = 413
+    reason = "too_large"
 
 
 class BodyTimeout(RequestError):
@@ -114,11 +135,13 @@ class BodyTimeout(RequestError):
     code = 40002
     http_status = 408
     tiktok_status = 408
+    reason = "body_timeout"
 
 
 class OriginNotAllowed(RequestError):
     code = 40001
     http_status = 403
+    reason = "origin"
 
 
 class NotFound(RequestError):
@@ -131,6 +154,7 @@ class RateLimited(RequestError):
     code = 40100
     http_status = 429
     tiktok_status = 429
+    reason = "rate_limited"
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
@@ -172,3 +196,4 @@ class StoreUnavailable(GatewayError):
 
     code = 50002
     http_status = 503
+    reason = "store_unavailable"

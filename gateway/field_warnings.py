@@ -32,7 +32,6 @@ OUT_OF_RANGE = "out_of_range"  # a number outside the range TikTok documents
 NO_COUNTRY_CODE = "no_country_code"  # a phone without "+", and no GATEWAY_PHONE_REGION
 UNPARSEABLE = "unparseable"  # an email, phone or ip that is none
 UNKNOWN_FIELD = "unknown_field"  # a user field TikTok does not define
-REASONS = (UNKNOWN_VALUE, OUT_OF_RANGE, NO_COUNTRY_CODE, UNPARSEABLE, UNKNOWN_FIELD)
 DROPPED_REASONS = frozenset({NO_COUNTRY_CODE, UNPARSEABLE, UNKNOWN_FIELD})
 
 LOG_INTERVAL = 60.0  # seconds between two lines about one pixel, field and reason
@@ -67,7 +66,6 @@ FIELD_WARNINGS: tuple[FieldWarning, ...] = (
     FieldWarning("user.ip", UNPARSEABLE),
     FieldWarning("user", UNKNOWN_FIELD),
 )
-MATCH_KEY_FIELDS = ("user.email", "user.phone", "user.ip")
 
 
 class WarningLog:

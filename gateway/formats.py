@@ -8,7 +8,7 @@ Four shapes reach the gateway (PRODUCT.md 2):
     parse_browser       our /pixel/events: one event object or a list of them
 
 Each converts its events to the Events API 2.0 `data[]` form and passes them
-through `events.normalise_event`, the one validator. A problem with the whole
+through `normalise.normalise_event`, the one validator. A problem with the whole
 request raises InvalidRequest; a problem with one event becomes a `Refusal`
 naming the field by its path in the request ("data.3.event_time"), and the
 other events are still returned (pixel/track, having one event, raises
@@ -28,13 +28,9 @@ from typing import Any
 import orjson
 
 from gateway.errors import InvalidEvent, InvalidRequest
-from gateway.events import (
-    EVENT_SOURCES,
-    Event,
-    normalise_event,
-    ttclid_from_url,
-)
+from gateway.events import EVENT_SOURCES, Event
 from gateway.field_warnings import FieldWarning
+from gateway.normalise import normalise_event, ttclid_from_url
 
 MAX_JSON_DEPTH = 32  # nesting of objects and lists in a request body
 DEFAULT_MAX_EVENTS = 1000  # TikTok's own cap per request
@@ -208,7 +204,7 @@ def parse_pixel_track(doc: Any, opts: ParseOptions) -> ParsedBody:
     try:
         event = _pixel_event(body, pixel_code, test_code, opts, warnings, renames)
     except InvalidEvent as exc:
-        raise InvalidEvent(_translate(exc.field, renames), exc.reason) from None
+        raise InvalidEvent(_translate(exc.field, renames), exc.detail) from None
     return ParsedBody(pixel_code, [_with_warnings(event, warnings)], [])
 
 
@@ -262,7 +258,7 @@ def _parse_events(
             events.append(_with_warnings(convert(raw, warnings, renames), warnings))
         except InvalidEvent as exc:
             field = _translate(exc.field, renames)
-            refused.append(Refusal(index, _join(prefix, index, field), exc.reason))
+            refused.append(Refusal(index, _join(prefix, index, field), exc.detail))
     return ParsedBody(pixel_code, events, refused)
 
 

@@ -22,7 +22,14 @@ from aiohttp import web
 from . import formats
 from .answers import envelope
 from .appkeys import METRICS, SETTINGS, STORE
-from .errors import AuthError, BodyTimeout, InvalidEvent, InvalidJSON, InvalidRequest
+from .errors import (
+    AuthError,
+    BodyTimeout,
+    InvalidEvent,
+    InvalidJSON,
+    InvalidRequest,
+    UnknownPixel,
+)
 from .events import Event, Source
 from .field_warnings import WarningLog
 from .settings import Settings
@@ -92,7 +99,7 @@ def authenticate(settings: Settings, pixel_code: str | None, token: str | None) 
         return
     expected = settings.pixels.get(pixel_code or "")
     if expected is None:
-        raise AuthError(40001, f"No permission to operate pixel code: {pixel_code}")
+        raise UnknownPixel(f"No permission to operate pixel code: {pixel_code}")
     if not token:
         raise AuthError(40104, "Access token is null, please check the Access-Token header")
     if not hmac.compare_digest(token.encode(), expected.encode()):
@@ -134,7 +141,7 @@ def decode_body(raw: bytes) -> Any:
     try:
         return formats.decode_json(raw)
     except InvalidRequest as exc:
-        raise InvalidJSON(exc.field, exc.reason) from None
+        raise InvalidJSON(exc.field, exc.detail) from None
 
 
 def parse_options(

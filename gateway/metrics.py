@@ -37,7 +37,9 @@ from . import __version__
 from .events import SOURCES, STANDARD_EVENTS, Source
 from .field_warnings import FIELD_WARNINGS
 
-SANDBOX_PIXEL = "sandbox"
+# The pixel label of every event in sandbox mode (no pixels configured): one series, whatever
+# pixel codes clients send.
+SANDBOX_PIXEL_LABEL = "sandbox"
 MATCH_KEYS = ("email", "phone", "external_id", "ttp", "ttclid", "ip", "user_agent")
 REJECT_REASONS = (
     "invalid_json",
@@ -51,7 +53,6 @@ REJECT_REASONS = (
     "rate_limited",
     "store_unavailable",
 )
-FORWARD_OUTCOMES = ("delivered", "retry", "rejected", "auth")
 # The code classes (upstream.CODE_CLASSES) each outcome can come with; these pairs start at zero.
 FORWARD_CODE_CLASSES: dict[str, tuple[str, ...]] = {
     "delivered": ("0", "20001"),
@@ -113,7 +114,7 @@ class Metrics:
     build_info: Info
 
     def pixel_label(self, pixel_code: str, configured: Iterable[str]) -> str:
-        return pixel_code if pixel_code in configured else SANDBOX_PIXEL
+        return pixel_code if pixel_code in configured else SANDBOX_PIXEL_LABEL
 
     @staticmethod
     def event_label(name: str) -> str:
@@ -134,7 +135,7 @@ def make_metrics(registry: CollectorRegistry, pixels: Iterable[str] = ()) -> Met
     # `*_created` series double the exposition and no dashboard uses them. The switch is
     # process-wide in prometheus_client; every registry of ours wants it off.
     disable_created_metrics()  # type: ignore[no-untyped-call]
-    pixel_labels = list(pixels) or [SANDBOX_PIXEL]
+    pixel_labels = list(pixels) or [SANDBOX_PIXEL_LABEL]
     m = Metrics(
         registry=registry,
         received=Counter(

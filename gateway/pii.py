@@ -269,7 +269,6 @@ _SINGLE_FIELDS: dict[str, Normaliser] = {
     "idfv": _raw,
     "gaid": _raw,
 }
-USER_FIELDS = frozenset(_LIST_FIELDS) | frozenset(_SINGLE_FIELDS)
 # Identifiers that clients often send as JSON numbers; read as their digits.
 _NUMBER_AS_TEXT = frozenset({"phone", "external_id", "zip_code"})
 
@@ -299,7 +298,7 @@ def normalise_user(
                 cleaned = _list_or_string(value, key, normalise, key, warnings)
             else:
                 cleaned = _single(value, key, normalise, key, warnings)
-        except InvalidEvent as exc:  # its path is built only now (events.py says why)
+        except InvalidEvent as exc:  # its path is built only now (fields.py says why)
             raise exc.within(path) from None
         if cleaned is not None:
             user[key] = cleaned

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from .backoff import full_jitter
+
 log = logging.getLogger(__name__)
 
 TRACK_PATH = "/open_api/v1.3/event/track/"
@@ -165,19 +167,6 @@ def _classify_code(code: int) -> Outcome:
     return Outcome.REJECTED
 
 
-def backoff(
-    attempt: int,
-    *,
-    base: float = 1.0,
-    cap: float = 300.0,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Full-jitter exponential backoff: a random delay up to min(cap, base * 2**(attempt-1))."""
-    # Past 2**64 the cap has long won; stop before float overflow.
-    exponent = min(max(attempt, 1) - 1, 64)
-    return rand() * min(cap, base * 2.0**exponent)
-
-
 def retry_delay(
     result: UpstreamResult,
     attempt: int,
@@ -194,7 +183,7 @@ def retry_delay(
     persists once `rate_limits` answers in a row (this one included) were rate
     limits; without that count, once `attempt` reaches RATE_LIMIT_PERSISTS_AT.
     """
-    delay = backoff(attempt, base=base, cap=cap, rand=rand)
+    delay = full_jitter(attempt, base=base, cap=cap, rand=rand)
     floor = 0.0
     in_a_row = attempt if rate_limits is None else rate_limits
     if result.code in RATE_LIMIT_CODES and in_a_row >= RATE_LIMIT_PERSISTS_AT:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from .embedded import EmbeddedRedis, doubling_delay
+from .backoff import doubling
+from .embedded import EmbeddedRedis
 from .errors import ConfigError
 from .settings import Settings
 
@@ -52,7 +53,7 @@ _RESTART_CAP_SECONDS = 10.0
 
 def restart_delay(failures: int) -> float:
     """Seconds before restarting a worker after `failures` (1-based) quick deaths in a row."""
-    return doubling_delay(failures, _RESTART_BASE_SECONDS, _RESTART_CAP_SECONDS)
+    return doubling(failures, base=_RESTART_BASE_SECONDS, cap=_RESTART_CAP_SECONDS)
 
 
 async def run(

@@ -28,7 +28,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from gateway.demo import DEMO_EMAIL, SANDBOX_PIXEL
+from gateway.demo import DEMO_EMAIL, DEMO_PIXEL_CODE
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory, free_port
 from tests.helpers import sha256
 from tests.tiktok_stub import TikTokStub
@@ -264,7 +264,7 @@ async def test_in_sandbox_mode_a_click_lands_in_the_log_carrying_an_earlier_ad_c
     lines = [orjson.loads(line) for line in log.read_bytes().splitlines()]
     events = [e for line in lines for e in line["data"]]
     [event] = [e for e in events if e["event_id"] == call["event_id"]]
-    assert [line["event_source_id"] for line in lines] == [SANDBOX_PIXEL]
+    assert [line["event_source_id"] for line in lines] == [DEMO_PIXEL_CODE]
     assert event["user"]["ttclid"] == "E.C.P.demo-click-0001"
     assert event["user"]["ttp"] == call["ttp"]
     assert event["user"]["email"] == sha256(DEMO_EMAIL)

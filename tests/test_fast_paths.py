@@ -4,7 +4,7 @@
   wherever it answers, its answer is exactly what parsing with phonenumbers,
   checking the number is possible and formatting it as E.164 gives, whatever the
   region; where it cannot be sure, it steps aside (None).
-- A page URL's ttclid (gateway/events.py `ttclid_from_url`) against parse_qs.
+- A page URL's ttclid (gateway/normalise.py `ttclid_from_url`) against parse_qs.
 - A body's nesting depth read from its bytes (gateway/formats.py) against a walk
   of the parsed document.
 """
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import formats
-from gateway.events import ttclid_from_url
+from gateway.normalise import ttclid_from_url
 from gateway.pii import e164, e164_fast
 
 CODES = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)

@@ -23,9 +23,7 @@ import orjson
 import pytest
 
 from gateway.app import MAX_HEADER_FIELD_BYTES, MAX_HEADERS, MAX_REQUEST_LINE_BYTES
-from gateway.events import (
-    MAX_CONTENTS,
-    MAX_EVENT_ID_LENGTH,
+from gateway.fields import (
     MAX_KEY_LENGTH,
     MAX_LIST_ITEMS,
     MAX_NESTING,
@@ -33,6 +31,7 @@ from gateway.events import (
     MAX_STRING_LENGTH,
 )
 from gateway.formats import MAX_CODE_LENGTH, MAX_JSON_DEPTH, MAX_TEST_EVENT_CODE_LENGTH
+from gateway.normalise import MAX_CONTENTS, MAX_EVENT_ID_LENGTH
 from gateway.pii import MAX_PII_ITEMS, MAX_PII_LENGTH
 from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
 from tests.helpers import (

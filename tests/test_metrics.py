@@ -20,7 +20,7 @@ from gateway.metrics import (
     INGEST_ENDPOINTS,
     MATCH_KEYS,
     PAIR_SOURCES,
-    SANDBOX_PIXEL,
+    SANDBOX_PIXEL_LABEL,
     Metrics,
     make_metrics,
 )
@@ -129,9 +129,9 @@ def test_known_label_values_start_at_zero() -> None:
 def test_sandbox_pixels_share_one_label() -> None:
     registry = CollectorRegistry()
     metrics = make_metrics(registry)
-    assert metrics.pixel_label("CANYTHING", {}) == SANDBOX_PIXEL
+    assert metrics.pixel_label("CANYTHING", {}) == SANDBOX_PIXEL_LABEL
     assert registry.get_sample_value(
-        "gateway_events_received_total", {"source": "pixel", "pixel": SANDBOX_PIXEL}
+        "gateway_events_received_total", {"source": "pixel", "pixel": SANDBOX_PIXEL_LABEL}
     ) == 0
 
 

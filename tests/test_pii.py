@@ -214,7 +214,7 @@ def test_the_ipv4_fast_path_agrees_with_ipaddress(text: str) -> None:
 
 def test_att_status() -> None:
     assert normalise_att_status("authorized") == "AUTHORIZED"
-    # Outside TikTok's list: forwarded as sent (events.py adds the field warning).
+    # Outside TikTok's list: forwarded as sent (normalise.py adds the field warning).
     assert normalise_att_status(" maybe") == " maybe"
 
 

@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import InvalidEvent, InvalidRequest
-from gateway.events import normalise_event, parse_timestamp
 from gateway.field_warnings import DROPPED_REASONS, FieldWarning
+from gateway.fields import parse_timestamp
 from gateway.formats import (
     BrowserContext,
     ParsedBody,
@@ -41,6 +41,7 @@ from gateway.formats import (
     parse_pixel_track,
 )
 from gateway.merge import is_absent, merge_copies
+from gateway.normalise import normalise_event
 from gateway.pii import (
     is_sha256_hex,
     normalise_email,
@@ -259,9 +260,9 @@ def outcome(parse: Callable[[], ParsedBody], prefix: str) -> Outcome:
     try:
         parsed = parse()
     except InvalidEvent as exc:  # pixel/track's one event
-        return "refused", (exc.field, exc.reason)
+        return "refused", (exc.field, exc.detail)
     except InvalidRequest as exc:
-        return "request refused", (exc.field, exc.reason)
+        return "request refused", (exc.field, exc.detail)
     if parsed.refused:
         [refusal] = parsed.refused
         field = refusal.field

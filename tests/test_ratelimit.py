@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.browser import rate_key
+from gateway.browser import rate_limit_subject
 from gateway.store import Store
 from tests.conftest import Gateway, GatewayFactory, free_port
 from tests.helpers import browser_event, is_rate_counter
@@ -148,7 +148,7 @@ async def test_the_script_is_loaded_again_after_a_flush(redis_client: aioredis.R
 
 
 @pytest.mark.parametrize(
-    ("address", "key"),
+    ("address", "subject"),
     [
         ("203.0.113.9", "203.0.113.9"),
         ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
@@ -158,8 +158,8 @@ async def test_the_script_is_loaded_again_after_a_flush(redis_client: aioredis.R
     ],
     ids=["ipv4", "ipv6", "mapped", "none", "odd"],
 )
-def test_whom_the_limit_counts(address: str | None, key: str) -> None:
-    assert rate_key(address) == key
+def test_whom_the_limit_counts(address: str | None, subject: str) -> None:
+    assert rate_limit_subject(address) == subject
 
 
 async def test_a_rate_of_zero_turns_the_limit_off(

@@ -46,6 +46,7 @@ from tests.helpers import (
     wait_drained,
     wait_for,
 )
+from tests.redis_faults import crash, revive
 from tests.tiktok_stub import Answer, TikTokStub
 
 ENVELOPE_KEYS = {"code", "message", "request_id", "data"}
@@ -222,7 +223,7 @@ async def test_kill_and_restart_acknowledges_nothing_while_down_and_loses_nothin
     await wait_counts(gateway, len(before))
     assert tiktok.requests == []
 
-    await own.kill()
+    await crash(own)
 
     refused = 0
     for path, body in server_requests("down-server"):
@@ -249,7 +250,7 @@ async def test_kill_and_restart_acknowledges_nothing_while_down_and_loses_nothin
         )
         assert received == (len(before) if source == "server" else 0)  # nothing more taken
 
-    await own.restart()
+    await revive(own)
     await wait_ready(http, gateway)
 
     # Every acknowledged event came back from the append-only file, still open.
@@ -313,10 +314,10 @@ async def test_everysec_loses_nothing_acknowledged_when_only_redis_is_killed(
     singles = [f"everysec-single-{i}" for i in range(5)]
     for event_id in singles:
         assert (await post_server(http, gateway.url, [server_event(event_id)]))["code"] == 0
-    await own.kill()  # no pause for an fsync
+    await crash(own)  # no pause for an fsync
     assert tiktok.requests == []
 
-    await own.restart()
+    await revive(own)
     await wait_ready(http, gateway)
     expected = [e["event_id"] for e in batch] + singles
     await wait_counts(gateway, len(expected))
@@ -347,7 +348,7 @@ async def test_events_due_during_the_outage_are_forwarded_after_it(
     await wait_counts(gateway, len(ids))
 
     with caplog.at_level(logging.WARNING, logger="gateway.forwarder"):
-        await own.kill()
+        await crash(own)
         assert tiktok.requests == []
         errors_at_kill = gateway.metric("gateway_redis_errors_total")
         # Stay down until the events are due and the forwarder has failed to claim since.
@@ -362,7 +363,7 @@ async def test_events_due_during_the_outage_are_forwarded_after_it(
         assert tiktok.requests == []
         assert not task.done()
 
-        await own.restart()
+        await revive(own)
         await tiktok.wait_for_events(len(ids))
         await wait_drained(gateway)
     assert delivered(tiktok) == Counter(ids)
@@ -402,7 +403,7 @@ async def test_a_batch_in_flight_when_redis_dies_is_sent_again_after_its_lease(
 
     with caplog.at_level(logging.WARNING, logger="gateway.forwarder"):
         await tiktok.wait_for_requests(1)
-        await own.kill()
+        await crash(own)
         first = await tiktok.wait_for_events(len(ids))
         await wait_for(
             lambda: "could not record a batch's outcome" in caplog.text,
@@ -414,7 +415,7 @@ async def test_a_batch_in_flight_when_redis_dies_is_sent_again_after_its_lease(
             "the forwarder to count Redis away",
         )
 
-    await own.restart()
+    await revive(own)
     events = await tiktok.wait_for_events(2 * len(ids), timeout=lease + 10.0)
     await wait_drained(gateway)
     assert delivered(tiktok) == Counter(ids * 2)
@@ -455,8 +456,8 @@ async def test_scripts_reload_after_a_restart_emptied_the_script_cache(
     client = aioredis.Redis.from_url(own.url)
     try:
         await rewrite_aof(client)
-        await own.kill()
-        await own.restart()
+        await crash(own)
+        await revive(own)
         assert await client.script_exists(*shas) == [False] * len(shas)
         # The pixel copy completes the pair with the stored server copy.
         assert (await post_browser(http, gateway.url, browser_event("script-0")))["code"] == 0

@@ -19,7 +19,6 @@ from gateway.upstream import (
     SandboxSink,
     TikTokClient,
     UpstreamResult,
-    backoff,
     bad_event_index,
     classify,
     parse_retry_after,
@@ -155,35 +154,7 @@ def test_classify_without_body_code(status: int | None, outcome: Outcome) -> Non
     assert classify(status, None) is outcome
 
 
-# --- backoff and retry_delay ----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("attempt", "bound"),
-    [(1, 1.0), (2, 2.0), (3, 4.0), (5, 16.0), (9, 256.0), (10, 300.0), (50, 300.0)],
-)
-def test_backoff_upper_bound_doubles_then_caps(attempt: int, bound: float) -> None:
-    assert backoff(attempt, rand=lambda: 1.0) == bound
-    assert backoff(attempt, rand=lambda: 0.0) == 0.0
-    assert backoff(attempt, rand=lambda: 0.5) == bound / 2
-
-
-def test_backoff_base_and_cap() -> None:
-    assert backoff(1, base=0.1, cap=5.0, rand=lambda: 1.0) == pytest.approx(0.1)
-    assert backoff(4, base=0.1, cap=5.0, rand=lambda: 1.0) == pytest.approx(0.8)
-    assert backoff(30, base=0.1, cap=5.0, rand=lambda: 1.0) == 5.0
-
-
-def test_backoff_extremes_do_not_break() -> None:
-    assert backoff(100_000, rand=lambda: 1.0) == 300.0  # no float overflow
-    assert backoff(0, rand=lambda: 1.0) == 1.0  # attempts start at 1
-    assert backoff(-3, rand=lambda: 1.0) == 1.0
-
-
-def test_backoff_default_jitter_stays_in_bounds() -> None:
-    delays = [backoff(4, base=1.0, cap=300.0) for _ in range(500)]
-    assert all(0.0 <= d <= 8.0 for d in delays)
-    assert len(set(delays)) > 1  # actually random
+# --- retry_delay ----------------------------------------------------------------------
 
 
 def test_retry_delay_is_plain_backoff_for_ordinary_errors() -> None:
