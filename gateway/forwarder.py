@@ -214,7 +214,10 @@ class Forwarder:
                 del self.windows[shard]
             await self.store.let_go(extra, self.token)
             return
-        free = [s for s in range(self.store.shards) if s not in self.windows]
+        if len(self.windows) == share:
+            return
+        others = (s for s in range(self.store.shards) if s not in self.windows)
+        free = await self.store.unowned(others)
         random.shuffle(free)  # instances starting together take different shards first
         for shard in await self.store.acquire(free[: share - len(self.windows)], self.token):
             await self._take_over(shard)

@@ -135,6 +135,13 @@ class Store(Keys):
         async with self.runner.guard():
             await self.client.zrem(INSTANCES_KEY, instance)
 
+    async def unowned(self, shards: Iterable[int]) -> list[int]:
+        """Those of `shards` no instance owns now (a shard whose node is away is left out)."""
+        asked = list(shards)
+        calls = [("EXISTS", (key,), (key,)) for key in map(self.owner_key, asked)]
+        replies = await self.runner.run(calls, partial=True)
+        return [s for s, r in zip(asked, replies, strict=True) if r == 0]
+
     async def acquire(self, shards: Iterable[int], token: str) -> list[int]:
         """Take the shards no one owns; returns those taken."""
         wanted = list(shards)
