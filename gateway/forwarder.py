@@ -217,7 +217,7 @@ class Forwarder:
         if len(self.windows) == share:
             return
         others = (s for s in range(self.store.shards) if s not in self.windows)
-        free = await self.store.unowned(others)
+        free = await self.store.unowned(others, self.token)
         random.shuffle(free)  # instances starting together take different shards first
         for shard in await self.store.acquire(free[: share - len(self.windows)], self.token):
             await self._take_over(shard)
@@ -398,6 +398,7 @@ class Forwarder:
             letters = results.get(c.shard)
             if isinstance(letters, Exception):
                 self.windows.pop(c.shard, None)
+                self._next_balance = 0.0  # take it back (TAKE) as soon as Redis answers
             elif letters is None:
                 if self.windows.pop(c.shard, None) is not None:
                     log.warning("shard %d is owned by another instance now; letting it go",

@@ -45,6 +45,7 @@ from tests.helpers import (
     wait_counts,
     wait_drained,
     wait_for,
+    wait_timeline,
 )
 from tests.redis_faults import crash, revive
 from tests.tiktok_stub import Answer, TikTokStub
@@ -220,6 +221,8 @@ async def test_kill_and_restart_acknowledges_nothing_while_down_and_loses_nothin
     before = [f"before-{i}" for i in range(6)]
     for event_id in before:
         assert (await post_server(http, gateway.url, [server_event(event_id)]))["code"] == 0
+    for event_id in before:  # read and recorded by the shards' owner
+        await wait_timeline(gateway, event_id, ["new"])
     await wait_counts(gateway, len(before))
     assert tiktok.requests == []
 

@@ -41,6 +41,18 @@ return 0
 """
 
 # KEYS[1] the shard's owner key
+# ARGV[1] token, ARGV[2] lease ms
+# Takes the shard when no one owns it, or when `token` does already (an instance that let
+# its window go after a failed commit takes the shard back at once, not after its lease).
+# Returns 1 when the shard is ours now.
+TAKE = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS[1] the shard's owner key
 # ARGV[1] token
 # Gives the shard up (an instance stopping, or owning more than its share); returns 1 when
 # it was ours.
@@ -201,6 +213,7 @@ return out
 SCRIPTS = {
     name: _lua(source)
     for name, source in (
+        ("take", TAKE),
         ("renew", RENEW),
         ("let_go", LET_GO),
         ("commit", COMMIT),

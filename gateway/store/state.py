@@ -135,22 +135,24 @@ class Store(Keys):
         async with self.runner.guard():
             await self.client.zrem(INSTANCES_KEY, instance)
 
-    async def unowned(self, shards: Iterable[int]) -> list[int]:
-        """Those of `shards` no instance owns now (a shard whose node is away is left out)."""
+    async def unowned(self, shards: Iterable[int], token: str) -> list[int]:
+        """Those of `shards` no instance owns now, or `token` does (its window was let go);
+        a shard whose node is away is left out."""
         asked = list(shards)
-        calls = [("EXISTS", (key,), (key,)) for key in map(self.owner_key, asked)]
+        calls = [("GET", (key,), (key,)) for key in map(self.owner_key, asked)]
         replies = await self.runner.run(calls, partial=True)
-        return [s for s, r in zip(asked, replies, strict=True) if r == 0]
+        return [
+            s for s, r in zip(asked, replies, strict=True)
+            if not isinstance(r, Exception) and (r is None or text(r) == token)
+        ]  # fmt: skip
 
     async def acquire(self, shards: Iterable[int], token: str) -> list[int]:
-        """Take the shards no one owns; returns those taken."""
+        """Take the shards no one owns, or `token` does (see scripts.TAKE); returns those
+        taken."""
         wanted = list(shards)
-        calls = [
-            ("SET", (key,), (key, token, "NX", "PX", self.lease_ms))
-            for key in map(self.owner_key, wanted)
-        ]
+        calls = [("take", (self.owner_key(s),), (token, self.lease_ms)) for s in wanted]
         replies = await self.runner.run(calls, partial=True)
-        return [s for s, r in zip(wanted, replies, strict=True) if r is True or r == b"OK"]
+        return [s for s, r in zip(wanted, replies, strict=True) if r == 1]
 
     async def renew(self, shards: Iterable[int], token: str) -> dict[int, bool | Exception]:
         """Renew our leases: per shard whether it is still ours, or the error that stopped
