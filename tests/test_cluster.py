@@ -27,9 +27,9 @@ from gateway.appkeys import FORWARDER
 from gateway.errors import StoreUnavailable
 from gateway.store import Store, connect
 from tests.cluster import NODES, LocalCluster
-from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
 from tests.helpers import post_server, server_event, wait_drained, wait_for
 from tests.redis_faults import crash, revive
+from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory
 from tests.test_dedup_e2e import (
     test_copy_after_the_forward_is_dropped,
     test_lone_event_is_forwarded_once_when_the_window_closes,

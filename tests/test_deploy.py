@@ -46,8 +46,8 @@ from gateway import cli
 from gateway.app import create_app
 from gateway.errors import ConfigError
 from gateway.settings import PREFIX, VARIABLES, Settings
-from tests.conftest import PIXEL, Gateway, base_settings, free_port
 from tests.helpers import browser_event, post_browser, post_server, server_event, wait_drained
+from tests.support import PIXEL, Gateway, base_settings, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

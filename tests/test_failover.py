@@ -38,10 +38,10 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from tests.cluster import NODES, LocalCluster
-from tests.conftest import PIXEL, TOKEN
 from tests.helpers import server_event, wait_for
-from tests.processes import FAST_FORWARDING, Launcher, poll_until, scraped
+from tests.processes import FAST_FORWARDING, Launcher, scraped
 from tests.redis_faults import crash, revive
+from tests.support import PIXEL, TOKEN, poll_until
 from tests.tiktok_stub import TikTokStub
 
 SOAK_SECONDS = float(os.environ.get("FAILOVER_SOAK_SECONDS", "0"))
