@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.embedded import EmbeddedRedis
-from tests.cluster import LocalCluster
+from tests.cluster import BreakableCluster
 from tests.support import Gateway, GatewayFactory, base_settings, free_port
 from tests.tiktok_stub import TikTokStub
 
@@ -46,16 +46,16 @@ async def redis_url(redis_server: EmbeddedRedis) -> AsyncIterator[str]:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def redis_cluster() -> AsyncIterator[LocalCluster]:
+async def redis_cluster() -> AsyncIterator[BreakableCluster]:
     """A three-primary Redis Cluster for the session, started by the first test needing it."""
-    cluster = LocalCluster()
+    cluster = BreakableCluster()
     await cluster.start()
     yield cluster
     await cluster.stop()
 
 
 @pytest_asyncio.fixture
-async def cluster_url(redis_cluster: LocalCluster) -> str:
+async def cluster_url(redis_cluster: BreakableCluster) -> str:
     """The session's cluster (the URL of one node), every primary emptied for this test."""
     await redis_cluster.flushall()
     return redis_cluster.url
