@@ -41,7 +41,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from bench.common import PIXEL
+from bench.common import PIXEL, choose_redis_server
 from bench.traffic import EVENT_NAMES, Copy, pixel_body, server_item
 from deploy.measure_redis_memory import Owner, drop_history, owner_settings, used_memory
 from gateway.app import make_store
@@ -269,8 +269,6 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1_000_000)
     parser.add_argument("--redis-server", help="redis-server binary (default: the rig's choice)")
     args = parser.parse_args()
-    from bench.run import choose_redis_server
-
     binary = args.redis_server or choose_redis_server()
     print(orjson.dumps(asyncio.run(measure(args.keys, binary)), option=orjson.OPT_INDENT_2)
           .decode())
