@@ -574,7 +574,7 @@ async def run(
         return results
     if not skip_memory:
         print(f"memory: {plan.memory_keys:,} keys through the store", flush=True)
-        results["memory"] = await memory.measure(plan.memory_keys, redis_binary)
+        results["memory"] = await memory.measure_per_key(plan.memory_keys, redis_binary)
         print(f"  {results['memory']['seconds']:.0f} s", flush=True)
     else:
         results["memory"] = {}
