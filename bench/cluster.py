@@ -135,16 +135,6 @@ class LocalCluster:
             shutil.rmtree(path, ignore_errors=True)
         self.dirs = []
 
-    async def flushall(self) -> None:
-        """Empty every primary, leases and all: between tests, no gateway is running."""
-        for url in self.urls:
-            client = aioredis.Redis.from_url(url)
-            try:
-                with contextlib.suppress(ReadOnlyError):
-                    await client.flushall()
-            finally:
-                await client.aclose()
-
     async def clear(self) -> None:
         """Empty every primary but for the gateways' leases (see `clear_keys`; replicas follow
         their primary)."""
