@@ -1,6 +1,7 @@
 """The benchmark rig: the gateway against B0, a plain forwarder, on loopback.
 
-Every part is its own process, started and stopped by `bench.run`:
+Every part is its own process, started and stopped by `bench.run` through its
+`bench.rig.Rig`:
 
     redis-server      append-only, appendfsync everysec (the gateway's store)
     bench.standin     TikTok's Events API: a ledger per (pixel, event, event_id)

@@ -135,16 +135,6 @@ class LocalCluster:
             shutil.rmtree(path, ignore_errors=True)
         self.dirs = []
 
-    async def flushall(self) -> None:
-        """Empty every primary, leases and all: between tests, no gateway is running."""
-        for url in self.urls:
-            client = aioredis.Redis.from_url(url)
-            try:
-                with contextlib.suppress(ReadOnlyError):
-                    await client.flushall()
-            finally:
-                await client.aclose()
-
     async def clear(self) -> None:
         """Empty every primary but for the gateways' leases (see `clear_keys`; replicas follow
         their primary)."""
@@ -154,6 +144,16 @@ class LocalCluster:
                 with contextlib.suppress(ReadOnlyError):
                     await clear_keys(client)
             finally:
+                await client.aclose()
+
+    async def wait_ok(self) -> None:
+        """Until every node says the cluster is whole (after a node came back): see
+        `_wait_ok`."""
+        clients = [aioredis.Redis.from_url(url) for url in self.urls]
+        try:
+            await self._wait_ok(clients)
+        finally:
+            for client in clients:
                 await client.aclose()
 
     async def _start_nodes(self) -> None:
@@ -200,7 +200,7 @@ class LocalCluster:
                 await first.execute_command("CLUSTER MEET", "127.0.0.1", port)
             await self._wait_ok(clients[:NODES], known=self.size)
             if self.replicas:
-                ids = [_text(await c.execute_command("CLUSTER MYID")) for c in clients]
+                ids = [as_text(await c.execute_command("CLUSTER MYID")) for c in clients]
                 for i, replica in enumerate(clients[NODES:]):
                     # The replica must know its primary first: wait until it does.
                     await _until(
@@ -217,7 +217,7 @@ class LocalCluster:
 
         async def ok() -> bool:
             # redis-py parses CLUSTER INFO into a dict of strings.
-            infos = [await _cluster_info(c) for c in clients]
+            infos = [await cluster_info(c) for c in clients]
             if not all(
                 i.get("cluster_state") == "ok"
                 and i.get("cluster_known_nodes") == str(known or self.size)
@@ -261,11 +261,14 @@ async def _replicate(replica: aioredis.Redis, primary_id: str) -> bool:
     return True
 
 
-def _text(value: object) -> str:
+def as_text(value: object) -> str:
+    """A reply as text, whether the client decodes replies or not."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def _cluster_info(client: aioredis.Redis) -> dict[str, str]:
+async def cluster_info(client: aioredis.Redis) -> dict[str, str]:
+    """A node's CLUSTER INFO (redis-py parses it into a dict of strings); {} while the
+    node does not answer."""
     try:
         info: dict[str, str] = await client.execute_command("CLUSTER INFO")
     except (RedisError, OSError):  # a node still starting

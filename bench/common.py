@@ -1,4 +1,5 @@
-"""What the bench's processes share: the pixel, ledger keys, percentiles, child processes."""
+"""What the bench's processes share: the pixel, ledger keys, percentiles, child processes,
+the redis-server to run."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import contextlib
 import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +16,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from gateway.redis_process import find_redis_server
 
 PIXEL = "CBENCHPIXEL0000000001"
 TOKEN = "bench-access-token-0123456789"
@@ -106,3 +111,24 @@ async def wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
                         return
             await asyncio.sleep(0.05)
     raise RuntimeError(f"{url} did not answer 200 within {START_SECONDS:g}s")
+
+
+def redis_version(binary: str) -> tuple[int, ...]:
+    try:
+        text = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                              timeout=10, check=False).stdout
+    except OSError:
+        return ()
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(x) for x in match.groups()) if match else ()
+
+
+def choose_redis_server() -> str:
+    """$BENCH_REDIS_SERVER, else the newest redis-server found (the system's or the embedded)."""
+    chosen = os.environ.get("BENCH_REDIS_SERVER")
+    if chosen:
+        return chosen
+    found = {p for p in (shutil.which("redis-server"), "/usr/bin/redis-server",
+                         "/usr/local/bin/redis-server", find_redis_server()) if p and
+             os.access(p, os.X_OK)}  # fmt: skip
+    return max(sorted(found), key=redis_version)

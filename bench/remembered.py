@@ -31,20 +31,18 @@ import asyncio
 import random
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from bench.common import free_port, python_module, wait_http
 from bench.load import Connection, answer_code, connect
 from bench.memory import settled_memory
+from bench.rig import Rig, Target, stop_tree, wait_listening
 from bench.traffic import BATCH, Actions, Copy, pixel_list_request, server_request
 from gateway.embedded import EmbeddedRedis
 from gateway.settings import Settings
 from gateway.store.keys import Keys
-
-if TYPE_CHECKING:
-    from bench.run import Rig
 
 CHUNK = 100  # keys whose copies are sent together
 PIXEL_LIST = 50  # pixel copies per beacon: within the default 64 KB and 100 events
@@ -137,8 +135,6 @@ async def send(port: int, work: Iterator[tuple[str, list[Copy]]]) -> dict[str, A
 
 async def measure(rig: Rig, counts: list[int], seed: int = 11) -> dict[str, Any]:
     """Bytes per remembered key at each of `counts` keys (ascending), through the HTTP path."""
-    from bench.run import Target, stop_tree, wait_listening
-
     started = time.monotonic()
     server = EmbeddedRedis(rig.workdir / "redis-remembered", port=0, binary=rig.redis_binary,
                            extra_args=["--appendonly", "no"])  # fmt: skip
@@ -146,7 +142,7 @@ async def measure(rig: Rig, counts: list[int], seed: int = 11) -> dict[str, Any]
     client = aioredis.Redis.from_url(url)
     port = free_port()
     argv = python_module("gateway", "serve", "--workers", str(WORKERS))
-    proc = rig._spawn(NAME, argv, rig._gateway_env(NAME, port, url))
+    proc = rig.spawn(NAME, argv, rig.gateway_env(NAME, port, url))
     out: dict[str, Any] = {"steps": [], "connections": CONNECTIONS, "pixel_list": PIXEL_LIST,
                            "workers": WORKERS,
                            "server_batch": BATCH, "merge_window": rig.plan.merge_window}

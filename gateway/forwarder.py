@@ -39,7 +39,7 @@ from .upstream import RATE_LIMIT_CODES, EventSender, Outcome, UpstreamResult, re
 from .window import Absorbed, PendingKey, ShardWindow
 
 log = logging.getLogger("gateway.forwarder")
-WAKE_LINGER = 0.05  # seconds a wake waits for more copies before reading
+WAKE_LINGER = 0.1  # seconds a wake waits for more copies before reading
 LOG_READ_COUNT = 200  # log entries a round reads a shard
 
 
@@ -350,6 +350,7 @@ class Forwarder:
         absorbed: list[Absorbed] = []
         for shard, shard_entries in entries.items():
             absorbed += windows[shard].absorb(shard_entries, remembered, now_ms)
+            await asyncio.sleep(0)  # requests waiting meanwhile go first: a shard at a time
         self._count_absorbed(absorbed)
         return any(len(e) >= LOG_READ_COUNT for e in entries.values())
 

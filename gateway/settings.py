@@ -546,7 +546,7 @@ class ForwardSettings:
     forward_poll_interval: float = setting(
         "FORWARD_POLL_INTERVAL", 0.2, _seconds,
         "seconds between looks at the shard logs for copies another instance received; a copy "
-        "this instance received wakes its forwarder at once (after 50 ms, so the copies "
+        "this instance received wakes its forwarder at once (after 100 ms, so the copies "
         "arriving meanwhile share its read and its request to TikTok)",
     )
     forward_concurrency: int = setting(

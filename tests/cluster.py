@@ -1,35 +1,65 @@
 """A real three-primary Redis Cluster on loopback, for the tests that run on one.
 
-The cluster itself is `bench.cluster.LocalCluster` (the bench's scale-out
-phases run on it too); the tests add what they need to break it on purpose:
-waiting for a node that came back, moving a slot as a resharding would, and
-finding the primaries and waiting for a replica to take over a dead one.
+The cluster itself is a `bench.cluster.LocalCluster` (the bench's scale-out
+phases run on it too), which a `BreakableCluster` holds; the tests add what they
+need to break it on purpose: emptying it whole, moving a slot as a resharding
+would, and finding the primaries and waiting for a replica to take over a dead
+one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import MovedError
+from redis.exceptions import MovedError, ReadOnlyError
 
-from bench import cluster
-from bench.cluster import NODES, READY_TIMEOUT
+from bench.cluster import NODES, READY_TIMEOUT, LocalCluster, as_text, cluster_info
+from gateway.embedded import EmbeddedRedis
 
-__all__ = ["NODES", "LocalCluster"]
+__all__ = ["NODES", "BreakableCluster"]
 
 
-class LocalCluster(cluster.LocalCluster):
-    """The bench's cluster, plus the tests' ways of disturbing it."""
+class BreakableCluster:
+    """The bench's cluster (same options), plus the tests' ways of disturbing it."""
+
+    def __init__(self, **options: Any) -> None:
+        self.cluster = LocalCluster(**options)
+
+    @property
+    def nodes(self) -> list[EmbeddedRedis]:
+        """The primaries, then their replicas (see `bench.cluster.LocalCluster`)."""
+        return self.cluster.nodes
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    @property
+    def urls(self) -> list[str]:
+        return self.cluster.urls
+
+    async def start(self) -> None:
+        await self.cluster.start()
+
+    async def stop(self) -> None:
+        await self.cluster.stop()
 
     async def wait_ok(self) -> None:
         """Until every node says the cluster is whole again (after a node came back)."""
-        clients = [aioredis.Redis.from_url(url) for url in self.urls]
-        try:
-            await self._wait_ok(clients)
-        finally:
-            for client in clients:
+        await self.cluster.wait_ok()
+
+    async def flushall(self) -> None:
+        """Empty every primary, gateways' leases included: each test starts its own
+        gateways (replicas follow their primary, and refuse FLUSHALL)."""
+        for url in self.urls:
+            client = aioredis.Redis.from_url(url)
+            try:
+                with contextlib.suppress(ReadOnlyError):
+                    await client.flushall()
+            finally:
                 await client.aclose()
 
     async def slot_counts(self) -> dict[int, int]:
@@ -46,7 +76,7 @@ class LocalCluster(cluster.LocalCluster):
         try:
             while True:
                 view = await self._nodes_view(skip=dead)
-                infos = [await cluster._cluster_info(c) for c in clients]
+                infos = [await cluster_info(c) for c in clients]
                 if view.get(dead, ("", 1))[1] == 0 and all(
                     i.get("cluster_state") == "ok" for i in infos
                 ):
@@ -80,7 +110,7 @@ class LocalCluster(cluster.LocalCluster):
         wait until every node agrees; a client's cached slot map is then stale (MOVED)."""
         clients = [aioredis.Redis.from_url(url) for url in self.urls]
         try:
-            ids = [_text(await c.execute_command("CLUSTER MYID")) for c in clients]
+            ids = [as_text(await c.execute_command("CLUSTER MYID")) for c in clients]
             owner = await self._owner(clients, key)
             if owner == to:
                 return
@@ -120,7 +150,3 @@ class LocalCluster(cluster.LocalCluster):
             except MovedError as exc:
                 views.append(ports.index(str(exc).rsplit(":", 1)[1]))
         return views[0] if len(set(views)) == 1 else -1
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

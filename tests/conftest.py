@@ -7,12 +7,9 @@ conditions (the stand-in's `wait_for_events`), never on guesses.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import shutil
-import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +21,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.appkeys import STORE
 from gateway.embedded import EmbeddedRedis
-from gateway.settings import Settings
-from tests.cluster import LocalCluster
+from tests.cluster import BreakableCluster
+from tests.support import Gateway, GatewayFactory, base_settings, free_port
 from tests.tiktok_stub import TikTokStub
-
-PIXEL = "CPIXEL0000000000001"
-PIXEL2 = "CPIXEL0000000000002"
-TOKEN = "token-one-0123456789"
-TOKEN2 = "token-two-0123456789"
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -55,16 +46,16 @@ async def redis_url(redis_server: EmbeddedRedis) -> AsyncIterator[str]:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def redis_cluster() -> AsyncIterator[LocalCluster]:
+async def redis_cluster() -> AsyncIterator[BreakableCluster]:
     """A three-primary Redis Cluster for the session, started by the first test needing it."""
-    cluster = LocalCluster()
+    cluster = BreakableCluster()
     await cluster.start()
     yield cluster
     await cluster.stop()
 
 
 @pytest_asyncio.fixture
-async def cluster_url(redis_cluster: LocalCluster) -> str:
+async def cluster_url(redis_cluster: BreakableCluster) -> str:
     """The session's cluster (the URL of one node), every primary emptied for this test."""
     await redis_cluster.flushall()
     return redis_cluster.url
@@ -96,55 +87,6 @@ async def tiktok() -> AsyncIterator[TikTokStub]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Gateway:
-    """A gateway app served on a real loopback port."""
-
-    url: str
-    app: web.Application
-    settings: Settings
-    registry: CollectorRegistry
-    runner: web.AppRunner
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        value = self.registry.get_sample_value(name, labels or {})
-        return 0.0 if value is None else value
-
-    @property
-    def store(self) -> Any:
-        return self.app[STORE]
-
-
-GatewayFactory = Callable[..., Awaitable[Gateway]]
-
-
-def base_settings(redis_url: str, upstream_url: str, data_dir: Path, **overrides: Any) -> Settings:
-    """Test defaults: two pixels, one-second windows, fast polling and retries."""
-    values: dict[str, Any] = {
-        "redis_url": redis_url,
-        "upstream_url": upstream_url,
-        "data_dir": data_dir,
-        "pixels": {PIXEL: TOKEN, PIXEL2: TOKEN2},
-        "merge_window": 1.0,
-        "dedup_window": 30.0,
-        "forward_poll_interval": 0.05,
-        "retry_base": 0.05,
-        "retry_cap": 0.5,
-        "upstream_timeout": 2.0,
-        "upstream_rate_limit": 1000.0,
-        "shards": 4,
-    }
-    values.update(overrides)
-    return dataclasses.replace(Settings(), **values)
 
 
 @pytest_asyncio.fixture

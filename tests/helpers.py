@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +14,7 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from tests.conftest import PIXEL, TOKEN, Gateway
+from tests.support import PIXEL, TOKEN, Gateway, poll_until
 
 
 def is_rate_counter(key: bytes) -> bool:
@@ -33,10 +32,6 @@ async def event_keys(redis_client: aioredis.Redis) -> list[bytes]:
     requests too), nor the shards' bookkeeping (see BOOKKEEPING)."""
     keys = await redis_client.keys("tkgw:*")
     return [k for k in keys if not is_rate_counter(k) and not BOOKKEEPING.match(k)]
-
-
-def sha256(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def server_event(
@@ -113,24 +108,25 @@ async def post_browser(
 
 async def wait_for(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
     """Until `predicate()` holds (a metric counted, a line logged); fails after `within`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"waited {within}s for {what}")
-        await asyncio.sleep(0.02)
+
+    async def holds() -> bool:
+        return predicate()
+
+    await poll_until(holds, what, within, every=0.02)
 
 
 async def wait_counts(gateway: Gateway, pending: int, dead_letters: int = 0) -> None:
     """Until the store counts this many pending events and dead letters: the shards' owners
     count what they have read, a moment after the copies were acknowledged."""
     counts = None
-    for _ in range(400):
+
+    async def counted() -> bool:
+        nonlocal counts
         counts = await gateway.store.counts()
-        if counts == (pending, dead_letters):
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"counts {counts}, expected {(pending, dead_letters)}")
+        return counts == (pending, dead_letters)
+
+    await poll_until(counted, lambda: f"counts {(pending, dead_letters)}, have {counts}",
+                     every=0.025)  # fmt: skip
 
 
 async def wait_timeline(
@@ -139,22 +135,28 @@ async def wait_timeline(
     """Until a key's timeline (of PIXEL) holds these outcomes: the shard's owner records
     a copy once it has read it, shortly after the client's answer."""
     found = None
-    for _ in range(400):
+
+    async def recorded() -> bool:
+        nonlocal found
         found = await gateway.store.inspect(PIXEL, event_id, event)
-        if found is not None and [e["outcome"] for e in found["timeline"]] == outcomes:
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"{event_id}'s timeline never became {outcomes}: {found}")
+        return found is not None and [e["outcome"] for e in found["timeline"]] == outcomes
+
+    await poll_until(recorded, lambda: f"{event_id}'s timeline to be {outcomes}: {found}",
+                     every=0.025)  # fmt: skip
 
 
 async def wait_drained(gateway: Gateway, dead_letters: int = 0) -> None:
-    """Until nothing is pending in Redis: every key was forwarded (or dead-lettered)."""
-    for _ in range(400):
-        pending, dead = await gateway.store.counts()
-        if pending == 0 and dead >= dead_letters:
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"events still pending ({pending}) or dead letters short ({dead})")
+    """Until nothing is pending in Redis: every key was forwarded (or dead-lettered, at
+    least `dead_letters` of them)."""
+    counts = None
+
+    async def drained() -> bool:
+        nonlocal counts
+        counts = pending, dead = await gateway.store.counts()
+        return pending == 0 and dead >= dead_letters
+
+    await poll_until(drained, lambda: f"nothing pending, {dead_letters}+ dead letters: {counts}",
+                     every=0.025)  # fmt: skip
 
 
 # -- a raw HTTP/1.1 client: what an attacker controls, aiohttp's client does not let us ---------

@@ -28,7 +28,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests.support import free_port
 
 START_SECONDS = 30.0
 STOP_SECONDS = 15.0
@@ -168,18 +168,6 @@ async def wait_ready(gateway: GatewayProcess) -> None:
                 pass  # not listening yet
             await asyncio.sleep(POLL_SECONDS)
     raise AssertionError(f"gateway not ready in {START_SECONDS}s:\n{gateway.log_text()}")
-
-
-async def poll_until(
-    check: Callable[[], Awaitable[bool]], what: str, seconds: float = 10.0
-) -> None:
-    """Await `check()` every POLL_SECONDS until it is true; fail naming `what` after `seconds`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not await check():
-        if loop.time() >= deadline:
-            raise AssertionError(f"waited {seconds}s for {what}")
-        await asyncio.sleep(POLL_SECONDS)
 
 
 async def scraped(http: aiohttp.ClientSession, base: str, name: str) -> float:

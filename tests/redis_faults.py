@@ -1,6 +1,7 @@
-"""Crashing an `EmbeddedRedis` and bringing it back, for the tests that break Redis.
+"""Crashing an `EmbeddedRedis`, bringing it back, and waiting for its supervisor, for the
+tests that break Redis.
 
-Production never does either: it only starts and stops its Redis. So this
+Production never does any of it: it only starts and stops its Redis. So this
 reaches into the class on purpose rather than giving it test-only methods.
 """
 
@@ -10,6 +11,7 @@ import contextlib
 import logging
 
 from gateway.embedded import EmbeddedRedis
+from tests.support import poll_until
 
 log = logging.getLogger("tests.redis_faults")
 
@@ -37,3 +39,14 @@ async def revive(server: EmbeddedRedis) -> None:
     server._proc = await server._launch()
     server._supervise_in_background()
     log.info("embedded redis-server restarted (pid %d) on %s", server._proc.pid, server.url)
+
+
+async def wait_restarted(server: EmbeddedRedis, count: int) -> None:
+    """Until the supervisor has restarted the server `count` times in all, or given up
+    (`server.failed`); the caller tells the two apart."""
+
+    async def settled() -> bool:
+        return server.restarts >= count or server.failed
+
+    await poll_until(settled, lambda: f"restart {count} (restarts: {server.restarts})",
+                     every=0.02)  # fmt: skip

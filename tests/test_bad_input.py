@@ -8,7 +8,6 @@ nothing: Redis holds no `tkgw:*` key afterwards (but the rate limit's counter).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
-from tests.helpers import browser_event, event_keys, server_event
+from tests.helpers import browser_event, event_keys, server_event, wait_counts
+from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory
 from tests.tiktok_stub import TikTokStub
 
 ENVELOPE_KEYS = {"code", "message", "request_id", "data"}
@@ -102,17 +101,6 @@ async def post(
         assert set(answer) == ENVELOPE_KEYS, answer
         assert resp.headers["X-Request-Id"] == answer["request_id"]
         return resp.status, answer
-
-
-async def wait_drained(gateway: Gateway) -> None:
-    """Until nothing is pending: every stored event was forwarded (and acknowledged)."""
-    for _ in range(200):
-        pending, dead = await gateway.store.counts()
-        if pending == 0:
-            assert dead == 0
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("events still pending")
 
 
 async def assert_nothing_stored(redis_client: aioredis.Redis) -> None:
@@ -443,7 +431,7 @@ async def test_one_bad_event_does_not_reject_the_good_ones(
 
     forwarded = await tiktok.wait_for_events(2)
     assert sorted(e["event_id"] for e in forwarded) == ["mixed-good-0", "mixed-good-2"]
-    await wait_drained(gateway)
+    await wait_counts(gateway, 0)
     assert len(tiktok.events()) == 2
 
 

@@ -6,7 +6,6 @@ stand-in) finally receives is checked where it matters.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from typing import Any
 
@@ -15,24 +14,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import PIXEL, PIXEL2, Gateway, GatewayFactory
-from tests.helpers import browser_event, event_keys, post_browser
+from tests.helpers import browser_event, event_keys, post_browser, wait_drained
+from tests.support import PIXEL, PIXEL2, Gateway, GatewayFactory
 from tests.tiktok_stub import TikTokStub
 
 SHOP = "https://shop.example.com"
 UA = "Mozilla/5.0 (X11; Linux x86_64) TestBrowser/1.0"
 TTP = "ttp-cookie-value-0000000001"
 WINDOW = 0.1  # merge window: lone browser copies leave for TikTok this soon
-
-
-async def wait_drained(gateway: Gateway) -> None:
-    """Until nothing is pending: every stored event was forwarded (and acknowledged)."""
-    for _ in range(200):
-        pending, _dead = await gateway.store.counts()
-        if pending == 0:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("events still pending")
 
 
 async def send(

@@ -29,8 +29,7 @@ import pytest
 import pytest_asyncio
 
 from gateway.demo import DEMO_EMAIL, DEMO_PIXEL_CODE
-from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory, free_port
-from tests.helpers import sha256
+from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory, free_port, sha256
 from tests.tiktok_stub import TikTokStub
 
 # Without the package, the `browser` fixture says so (and fails under CI) instead of

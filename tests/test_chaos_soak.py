@@ -51,10 +51,10 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.embedded import EmbeddedRedis
-from tests.conftest import PIXEL, TOKEN
-from tests.helpers import browser_event, server_event, sha256
-from tests.processes import GatewayProcess, Launcher, poll_until
+from tests.helpers import browser_event, server_event
+from tests.processes import GatewayProcess, Launcher
 from tests.redis_faults import crash, revive
+from tests.support import PIXEL, TOKEN, poll_until, sha256
 from tests.tiktok_stub import Answer, RecordedRequest, TikTokStub
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))

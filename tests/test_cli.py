@@ -22,8 +22,18 @@ import redis.asyncio as aioredis
 from gateway import __version__
 from gateway.cli import main
 from gateway.store import LAYOUT_KEY
-from tests.conftest import PIXEL, PIXEL2, TOKEN, TOKEN2, Gateway, GatewayFactory, free_port
-from tests.helpers import post_server, server_event, sha256, wait_timeline
+from tests.helpers import post_server, server_event, wait_drained, wait_timeline
+from tests.support import (
+    PIXEL,
+    PIXEL2,
+    TOKEN,
+    TOKEN2,
+    Gateway,
+    GatewayFactory,
+    free_port,
+    poll_until,
+    sha256,
+)
 from tests.tiktok_stub import TikTokStub
 
 
@@ -76,24 +86,12 @@ def cli(
 
 
 async def wait_dead_letters(gateway: Gateway, n: int) -> None:
-    """Until the gateway's Redis holds `n` dead letters (bounded)."""
-    dead = -1
-    for _ in range(200):
-        _pending, dead = await gateway.store.counts()
-        if dead == n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"expected {n} dead letters, have {dead}")
+    """Until the gateway's Redis holds `n` dead letters, whatever is pending."""
 
+    async def counted() -> bool:
+        return (await gateway.store.counts())[1] == n
 
-async def wait_drained(gateway: Gateway) -> None:
-    pending = -1
-    for _ in range(200):
-        pending, _dead = await gateway.store.counts()
-        if pending == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{pending} events still pending")
+    await poll_until(counted, f"{n} dead letters")
 
 
 async def make_dead_letters(

@@ -26,10 +26,10 @@ from bench.cluster import primary_of
 from gateway.appkeys import FORWARDER
 from gateway.errors import StoreUnavailable
 from gateway.store import Store, connect
-from tests.cluster import NODES, LocalCluster
-from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
+from tests.cluster import NODES, BreakableCluster
 from tests.helpers import post_server, server_event, wait_drained, wait_for
 from tests.redis_faults import crash, revive
+from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory
 from tests.test_dedup_e2e import (
     test_copy_after_the_forward_is_dropped,
     test_lone_event_is_forwarded_once_when_the_window_closes,
@@ -129,7 +129,7 @@ async def test_shards_spread_over_every_primary(redis_client: RedisCluster) -> N
 
 
 async def test_scripts_are_loaded_on_every_primary(
-    redis_cluster: LocalCluster, redis_client: RedisCluster
+    redis_cluster: BreakableCluster, redis_client: RedisCluster
 ) -> None:
     await redis_client.script_flush()
     store = Store(redis_client, shards=SHARDS)
@@ -171,7 +171,7 @@ async def test_owners_read_and_commit_every_shard_across_the_primaries(
 
 
 async def test_a_slot_moved_under_a_running_store_is_followed(
-    redis_cluster: LocalCluster, redis_client: RedisCluster
+    redis_cluster: BreakableCluster, redis_client: RedisCluster
 ) -> None:
     """Resharding: the client's slot map goes stale, MOVED replies lead it to the new owner."""
     store = Store(redis_client, shards=SHARDS, merge_window=0.0)
@@ -210,7 +210,7 @@ def a_node_goes_away(test: Callable[..., Any]) -> Callable[..., Any]:
 
 @a_node_goes_away
 async def test_a_primary_down_answers_503_and_the_gateway_carries_on_when_it_is_back(
-    redis_cluster: LocalCluster,
+    redis_cluster: BreakableCluster,
     make_gateway: GatewayFactory,
     tiktok: TikTokStub,
     http: aiohttp.ClientSession,
@@ -238,7 +238,7 @@ async def test_a_primary_down_answers_503_and_the_gateway_carries_on_when_it_is_
 
 
 @contextlib.asynccontextmanager
-async def partial_coverage(cluster: LocalCluster) -> AsyncIterator[None]:
+async def partial_coverage(cluster: BreakableCluster) -> AsyncIterator[None]:
     """The live primaries keep serving their slots while one is away (by default a cluster
     refuses every command once a primary without a replica is marked failed)."""
     clients = [aioredis.Redis.from_url(url) for url in cluster.urls]
@@ -255,7 +255,7 @@ async def partial_coverage(cluster: LocalCluster) -> AsyncIterator[None]:
 
 @a_node_goes_away
 async def test_one_primary_away_leaves_the_other_shards_forwarding(
-    redis_cluster: LocalCluster,
+    redis_cluster: BreakableCluster,
     make_gateway: GatewayFactory,
     tiktok: TikTokStub,
     http: aiohttp.ClientSession,
@@ -314,7 +314,7 @@ async def test_single_node_client_on_a_cluster_says_to_set_the_flag(cluster_url:
 
 
 async def test_one_primary_without_its_scripts_runs_them_from_source(
-    redis_cluster: LocalCluster, redis_client: RedisCluster
+    redis_cluster: BreakableCluster, redis_client: RedisCluster
 ) -> None:
     """A primary restarted or just promoted has an empty script cache (Redis 7 does not copy
     SCRIPT LOAD to replicas): its calls run as EVAL, the others' as EVALSHA, in one go."""

@@ -14,7 +14,6 @@ one moment in the forms clients send; {"@sha256": "text"} is the SHA-256 of "tex
 
 from __future__ import annotations
 
-import hashlib
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +24,7 @@ import orjson
 import pytest
 
 from gateway.field_warnings import FIELD_WARNINGS
-from tests.conftest import PIXEL, TOKEN, GatewayFactory
+from tests.support import PIXEL, TOKEN, GatewayFactory, sha256
 from tests.tiktok_stub import TikTokStub
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -57,7 +56,7 @@ def resolve(value: Any, values: dict[str, Any]) -> Any:
     """The value with every placeholder replaced."""
     if isinstance(value, dict):
         if value.keys() == {"@sha256"}:
-            return hashlib.sha256(value["@sha256"].encode()).hexdigest()
+            return sha256(value["@sha256"])
         return {key: resolve(item, values) for key, item in value.items()}
     if isinstance(value, list):
         return [resolve(item, values) for item in value]

@@ -7,16 +7,15 @@ import time
 
 import aiohttp
 
-from tests.conftest import PIXEL, PIXEL2, TOKEN2, GatewayFactory
 from tests.helpers import (
     browser_event,
     post_browser,
     post_server,
     server_event,
-    sha256,
     wait_drained,
     wait_for,
 )
+from tests.support import PIXEL, PIXEL2, TOKEN2, GatewayFactory, sha256
 from tests.tiktok_stub import TikTokStub
 
 

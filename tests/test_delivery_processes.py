@@ -28,16 +28,9 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from gateway.store import Store
-from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
-from tests.helpers import (
-    browser_event,
-    post_browser,
-    post_server,
-    server_event,
-    sha256,
-    wait_drained,
-)
-from tests.processes import FAST_FORWARDING, GatewayProcess, Launcher, poll_until
+from tests.helpers import browser_event, post_browser, post_server, server_event, wait_drained
+from tests.processes import FAST_FORWARDING, GatewayProcess, Launcher
+from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory, poll_until, sha256
 from tests.tiktok_stub import Answer, RecordedRequest, TikTokStub
 
 SHARDS = 4

@@ -17,8 +17,7 @@ import pytest
 from gateway.demo import DEMO_EMAIL, DEMO_PIXEL_CODE
 from gateway.errors import ConfigError
 from gateway.settings import Settings
-from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
-from tests.helpers import sha256
+from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory, sha256
 from tests.tiktok_stub import TikTokStub
 
 UA = "Mozilla/5.0 (X11; Linux x86_64) DemoTest/1.0"

@@ -42,12 +42,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 import gateway
+from bench import memory
 from gateway import cli
 from gateway.app import create_app
 from gateway.errors import ConfigError
 from gateway.settings import PREFIX, VARIABLES, Settings
-from tests.conftest import PIXEL, Gateway, base_settings, free_port
 from tests.helpers import browser_event, post_browser, post_server, server_event, wait_drained
+from tests.support import PIXEL, Gateway, base_settings, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -723,7 +724,7 @@ async def test_standin_answers_the_code_it_is_told(http: aiohttp.ClientSession) 
 
 
 async def test_the_guides_redis_figure_is_what_the_script_measures() -> None:
-    """A small run of deploy/measure_redis_memory.py lands near the figure the guide quotes."""
+    """A small run of `bench.memory --events` lands near the figure the guide quotes."""
     text = GUIDE.read_text()
     quoted = re.search(r"\*\*([\d,]+) bytes per remembered event\*\*", text)
     assert quoted, "docs/deploying.md quotes no '**N bytes per remembered event**'"
@@ -733,7 +734,7 @@ async def test_the_guides_redis_figure_is_what_the_script_measures() -> None:
     # the mechanism: fingerprints packed into shared hashes, nothing else left.
     # 2,000 keys over the 16 x 1,024 hashes: some must share one (300 all fell apart ~7% of
     # the time, and the ratio was exactly 1).
-    report = await load_script("measure_redis_memory").measure(2000, history=0)
+    report = await memory.measure_per_event(2000, history=0)
     assert report.keys_per_remembered_event < 1
     assert report.pending_bytes_per_event > 10 * report.remembered_bytes_per_event
 

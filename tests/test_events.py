@@ -3,7 +3,6 @@ and its validation (gateway/normalise.py)."""
 
 from __future__ import annotations
 
-import hashlib
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -34,13 +33,10 @@ from gateway.normalise import (
     validate_event_id,
     validate_event_name,
 )
+from tests.support import sha256
 
 NOW = 1_695_723_400.5  # 2023-09-26T10:16:40.5Z
 T = 1_695_723_330  # 2023-09-26T10:15:30Z
-
-
-def h(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def norm(raw: dict[str, Any], region: str | None = None) -> dict[str, Any]:
@@ -251,7 +247,7 @@ def test_full_event_is_kept_in_2_0_form() -> None:
         "event": "Purchase",
         "event_time": T,
         "event_id": "e1",
-        "user": {"email": h("a@b.co"), "ip": "203.0.113.7"},
+        "user": {"email": sha256("a@b.co"), "ip": "203.0.113.7"},
         "page": {"url": "https://x.test/p", "referrer": "https://r.test/"},
         "properties": {"currency": "USD", "value": 10.5},
         "app": {"app_id": "123", "app_name": "Shop", "app_version": "1.2"},

@@ -37,11 +37,11 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from tests.cluster import NODES, LocalCluster
-from tests.conftest import PIXEL, TOKEN
+from tests.cluster import NODES, BreakableCluster
 from tests.helpers import server_event, wait_for
-from tests.processes import FAST_FORWARDING, Launcher, poll_until, scraped
+from tests.processes import FAST_FORWARDING, Launcher, scraped
 from tests.redis_faults import crash, revive
+from tests.support import PIXEL, TOKEN, poll_until
 from tests.tiktok_stub import TikTokStub
 
 SOAK_SECONDS = float(os.environ.get("FAILOVER_SOAK_SECONDS", "0"))
@@ -72,8 +72,8 @@ class Ledger:
 
 
 @pytest_asyncio.fixture
-async def replicated_cluster() -> AsyncIterator[LocalCluster]:
-    cluster = LocalCluster(appendfsync="always", replicas=1, node_timeout=1500)
+async def replicated_cluster() -> AsyncIterator[BreakableCluster]:
+    cluster = BreakableCluster(appendfsync="always", replicas=1, node_timeout=1500)
     await cluster.start()
     yield cluster
     await cluster.stop()
@@ -130,7 +130,7 @@ async def _client(
         await asyncio.sleep(PACE)
 
 
-async def _kill_and_recover(cluster: LocalCluster) -> tuple[float, float]:
+async def _kill_and_recover(cluster: BreakableCluster) -> tuple[float, float]:
     """Kill the primary with the most slots, wait for its replica to take over, start it
     again as a replica; returns when it was killed and when the replica was promoted."""
     counts = await cluster.slot_counts()
@@ -144,7 +144,7 @@ async def _kill_and_recover(cluster: LocalCluster) -> tuple[float, float]:
     return killed, promoted
 
 
-async def _empty_replica_script_caches(cluster: LocalCluster) -> None:
+async def _empty_replica_script_caches(cluster: BreakableCluster) -> None:
     """As on Redis 7: a replica has none of the scripts loaded on its primary."""
     for url in cluster.urls:
         client = aioredis.Redis.from_url(url)
@@ -173,7 +173,7 @@ def _lost_outside_the_window(ledger: Ledger, kills: list[tuple[float, float]]) -
 @pytest.mark.parametrize("wait_replicas", [1, 0], ids=["wait_replicas_1", "wait_replicas_0"])
 async def test_a_primary_killed_under_traffic_loses_nothing_acknowledged(
     wait_replicas: int,
-    replicated_cluster: LocalCluster,
+    replicated_cluster: BreakableCluster,
     launcher: Launcher,
     tiktok: TikTokStub,
     http: aiohttp.ClientSession,

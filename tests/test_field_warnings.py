@@ -17,8 +17,8 @@ from gateway.field_warnings import (
     FieldWarning,
     WarningLog,
 )
-from tests.conftest import PIXEL, PIXEL2, TOKEN2, Gateway, GatewayFactory
 from tests.helpers import post_server, server_event
+from tests.support import PIXEL, PIXEL2, TOKEN2, Gateway, GatewayFactory
 from tests.tiktok_stub import TikTokStub
 
 PHONE = "4155552671"  # no country code

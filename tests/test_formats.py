@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 from typing import Any
 
 import orjson
@@ -32,6 +31,7 @@ from gateway.formats import (
     parse_pixel_batch,
     parse_pixel_track,
 )
+from tests.support import sha256
 
 NOW = 1_767_225_700.0  # a little after 2026-01-01T00:00:00Z
 T = 1_767_225_600
@@ -43,10 +43,6 @@ EXTERNAL_H = "6f18e35ae8422566f6fcb6af0245f9530bffdbe1ed06f192c4de095c18ac3e46"
 TTCLID = "E.C.P.v3ExampleClickIdValue"
 TTP = "Qm3xP0aZtY8rLk2VnB7cWd4EfGh"
 UA = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X)"
-
-
-def h(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # TIKTOK_API.md 9.1
@@ -350,7 +346,10 @@ def test_v2_user_lists_and_warnings() -> None:
         ),
         OPTS,
     )
-    assert parsed.events[0].body["user"] == {"email": [h("a@b.co")], "phone": [h("+12133734253")]}
+    assert parsed.events[0].body["user"] == {
+        "email": [sha256("a@b.co")],
+        "phone": [sha256("+12133734253")],
+    }
     # Each (field, reason) once per event, though two phones lacked a country code.
     assert parsed.events[0].warnings == (
         FieldWarning("user.phone", NO_COUNTRY_CODE),
@@ -361,7 +360,7 @@ def test_v2_user_lists_and_warnings() -> None:
 def test_phone_region_option() -> None:
     opts = ParseOptions(now=NOW, phone_region="US")
     parsed = parse_event_track(v2({"event": "Purchase", "user": {"phone": "213-373-4253"}}), opts)
-    assert parsed.events[0].body["user"] == {"phone": h("+12133734253")}
+    assert parsed.events[0].body["user"] == {"phone": sha256("+12133734253")}
 
 
 def test_warnings_of_refused_events_are_not_counted() -> None:
@@ -398,7 +397,7 @@ def test_v1_context_mapping() -> None:
         "event": "SubmitForm",
         "event_time": T,
         "user": {
-            "phone": h("+12133734253"),
+            "phone": sha256("+12133734253"),
             "locale": "en_US",
             "ip": "2001:db8::1",
             "user_agent": "UA",
@@ -513,9 +512,9 @@ def test_browser_single_event() -> None:
         "event_time": T,
         "event_id": "ev-1",
         "user": {
-            "email": h("alice_abc@gmail.com"),
-            "phone": h("+12133734253"),
-            "external_id": h("u1"),
+            "email": sha256("alice_abc@gmail.com"),
+            "phone": sha256("+12133734253"),
+            "external_id": sha256("u1"),
             "ttclid": "ck",
             "ttp": "ttp-cookie",
             "ip": "198.51.100.4",
@@ -668,7 +667,7 @@ def test_decode_json_never_raises_anything_but_invalid_request(raw: bytes) -> No
 
 
 def test_user_aliases_in_every_shape() -> None:
-    hashed = h("a@b.co")
+    hashed = sha256("a@b.co")
     aliases = {"sha256_email": hashed.upper(), "sha256_phone_number": PHONE_H}
     expected = {"email": hashed, "phone": PHONE_H}
     (event,) = parse_event_track(v2({"event": "Purchase", "user": aliases}), OPTS).events
@@ -679,7 +678,7 @@ def test_user_aliases_in_every_shape() -> None:
     assert parse_pixel_track(body, OPTS).events[0].body["user"] == expected
     both = {"phone": "+12133734253", "phone_number": "+442079460958"}
     (event,) = parse_event_track(v2({"event": "Purchase", "user": both}), OPTS).events
-    assert event.body["user"] == {"phone": h("+12133734253")}  # the 2.0 name wins
+    assert event.body["user"] == {"phone": sha256("+12133734253")}  # the 2.0 name wins
 
 
 def test_timestamp_wins_over_event_time_in_pixel_shapes() -> None:

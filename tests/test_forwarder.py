@@ -11,8 +11,8 @@ from gateway.forwarder import Pacer, build_outgoing
 from gateway.records import Copy
 from gateway.store import Keys
 from gateway.window import PendingKey, ShardWindow
-from tests.conftest import PIXEL, GatewayFactory
 from tests.helpers import post_server, server_event, wait_drained, wait_for
+from tests.support import PIXEL, GatewayFactory
 from tests.tiktok_stub import Answer, TikTokStub
 
 

@@ -33,7 +33,7 @@ import aiohttp
 import pytest
 from aiohttp.http_exceptions import HttpProcessingError
 
-from tests.conftest import GatewayFactory
+from tests.support import GatewayFactory
 
 ST = Path(sys.executable).with_name("st")
 DOCUMENT = json.loads((Path(__file__).parent.parent / "gateway/static/openapi.json").read_text())

@@ -18,7 +18,7 @@ import pytest
 
 from gateway.cli import main, readyz_url
 from gateway.settings import Settings
-from tests.conftest import Gateway, GatewayFactory, free_port
+from tests.support import Gateway, GatewayFactory, free_port
 
 Healthcheck = Callable[..., Awaitable[tuple[int, str, str]]]
 

@@ -20,15 +20,8 @@ import redis.asyncio as aioredis
 
 from gateway import history, window
 from gateway.cli import main
-from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
-from tests.helpers import (
-    browser_event,
-    post_browser,
-    post_server,
-    server_event,
-    sha256,
-    wait_timeline,
-)
+from tests.helpers import browser_event, post_browser, post_server, server_event, wait_timeline
+from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory, sha256
 from tests.tiktok_stub import Answer, TikTokStub
 
 ADMIN = "admin-secret"

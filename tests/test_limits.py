@@ -33,7 +33,6 @@ from gateway.fields import (
 from gateway.formats import MAX_CODE_LENGTH, MAX_JSON_DEPTH, MAX_TEST_EVENT_CODE_LENGTH
 from gateway.normalise import MAX_CONTENTS, MAX_EVENT_ID_LENGTH
 from gateway.pii import MAX_PII_ITEMS, MAX_PII_LENGTH
-from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
 from tests.helpers import (
     RawAnswer,
     browser_event,
@@ -42,6 +41,7 @@ from tests.helpers import (
     read_answer,
     server_event,
 )
+from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory
 
 TRACK = "/open_api/v1.3/event/track/"
 BROWSER = "/pixel/events"

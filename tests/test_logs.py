@@ -24,15 +24,8 @@ from gateway.logs import (
     request_context,
     setup_logging,
 )
-from tests.conftest import PIXEL, TOKEN, GatewayFactory
-from tests.helpers import (
-    browser_event,
-    post_browser,
-    post_server,
-    server_event,
-    sha256,
-    wait_for,
-)
+from tests.helpers import browser_event, post_browser, post_server, server_event, wait_for
+from tests.support import PIXEL, TOKEN, GatewayFactory, sha256
 from tests.tiktok_stub import TikTokStub
 
 EMAIL = "jane.doe@example.com"

@@ -25,8 +25,8 @@ from gateway.metrics import (
     make_metrics,
 )
 from gateway.upstream import CODE_CLASSES, code_class
-from tests.conftest import PIXEL, PIXEL2, TOKEN2, Gateway, GatewayFactory
 from tests.helpers import browser_event, post_browser, post_server, server_event, wait_drained
+from tests.support import PIXEL, PIXEL2, TOKEN2, Gateway, GatewayFactory
 from tests.tiktok_stub import Answer, TikTokStub
 
 KEYS = "gateway_forwarded_keys_total"

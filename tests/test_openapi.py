@@ -30,7 +30,7 @@ from jsonschema import Draft202012Validator
 from gateway import __version__
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.conftest import GatewayFactory
+from tests.support import GatewayFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENT_PATH = ROOT / "gateway" / "static" / "openapi.json"

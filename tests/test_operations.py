@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,29 +20,20 @@ from gateway.app import create_app
 from gateway.embedded import EmbeddedRedis
 from gateway.errors import LayoutMismatch
 from gateway.store import LAYOUT_KEY
-from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory, base_settings, free_port
 from tests.helpers import (
     browser_event,
     post_browser,
     post_server,
     server_event,
-    sha256,
+    wait_counts,
     wait_timeline,
 )
+from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory, base_settings, free_port, sha256
 from tests.tiktok_stub import TikTokStub
 
 WINDOW = 0.2
 ENVELOPE_KEYS = {"code", "message", "request_id", "data"}
 EMAIL = "jane.doe@example.com"
-
-
-async def wait_until_counts(gateway: Gateway, pending: int, dead: int = 0) -> None:
-    """Until Redis holds `pending` events waiting and `dead` dead letters."""
-    for _ in range(200):
-        if await gateway.store.counts() == (pending, dead):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"counts stayed {await gateway.store.counts()}")
 
 
 async def get_envelope(
@@ -242,11 +232,11 @@ async def test_metrics_move_with_traffic(
     server["user"]["phone"] = "+1 415 555 2671"
     assert (await post_server(http, gateway.url, [server]))["code"] == 0
     [forwarded] = await tiktok.wait_for_events(1)
-    await wait_until_counts(gateway, 0)
+    await wait_counts(gateway, 0)
     assert (await post_server(http, gateway.url, [server_event("m-1")]))["code"] == 0  # too late
     tiktok.reject_event_ids.add("m-bad")
     assert (await post_server(http, gateway.url, [server_event("m-bad")]))["code"] == 0
-    await wait_until_counts(gateway, 0, dead=1)
+    await wait_counts(gateway, 0, dead_letters=1)
     async with http.post(f"{gateway.url}/pixel/events", data=b"{") as resp:
         assert resp.status == 400
 
@@ -402,7 +392,7 @@ async def test_debug_shows_state_and_timeline_but_never_pii(
     await post_browser(http, gateway.url, browser_event("dbg-2"))
     await post_server(http, gateway.url, [server_event("dbg-2", email=EMAIL)])
     await tiktok.wait_for_events(1)
-    await wait_until_counts(gateway, 0)
+    await wait_counts(gateway, 0)
     await post_server(http, gateway.url, [server_event("dbg-2", email=EMAIL)])  # a duplicate
     await wait_timeline(gateway, "dbg-2", ["new", "complete", "forwarded", "duplicate"])
 
@@ -459,13 +449,13 @@ async def test_script_flush_between_requests_does_not_break_ingest(
     answer = await post_browser(http, gateway.url, browser_event("flush-2"))
     assert answer["code"] == 0
     events = await tiktok.wait_for_events(2)
-    await wait_until_counts(gateway, 0)
+    await wait_counts(gateway, 0)
     assert sorted(e["event_id"] for e in events) == ["flush-1", "flush-2"]
 
     await redis_client.script_flush()  # the forwarder's scripts are gone too
     assert (await post_server(http, gateway.url, [server_event("flush-3")]))["code"] == 0
     await tiktok.wait_for_events(3)
-    await wait_until_counts(gateway, 0)
+    await wait_counts(gateway, 0)
     await redis_client.script_flush()
     async with http.get(f"{gateway.url}/readyz") as resp:
         assert resp.status == 200

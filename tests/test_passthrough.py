@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,8 +22,8 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.passthrough import canonical_target, proxy
-from tests.conftest import TOKEN, TOKEN2, Gateway, GatewayFactory
 from tests.helpers import RawAnswer, connection, head, read_answer
+from tests.support import TOKEN, TOKEN2, Gateway, GatewayFactory, free_port
 from tests.tiktok_stub import Answer, TikTokStub, big_payload
 
 Serve = Callable[..., Awaitable[str]]
@@ -65,14 +64,6 @@ async def serve() -> AsyncIterator[Serve]:
 async def proxied(serve: Serve, tiktok: TikTokStub) -> str:
     """A proxying app in front of the stub TikTok."""
     return await serve(tiktok.url)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def test_post_with_query_body_and_the_headers_tiktok_needs(

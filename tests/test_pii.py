@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 from typing import Any
 
@@ -33,11 +32,7 @@ from gateway.pii import (
     normalise_user,
     sha256_hex,
 )
-
-
-def h(text: str) -> str:
-    """The reference hash, computed independently of the module under test."""
-    return hashlib.sha256(text.encode()).hexdigest()
+from tests.support import sha256
 
 
 def user(
@@ -52,20 +47,20 @@ def user(
 
 def test_tiktok_email_example() -> None:
     digest = normalise_email(" ALICE_abc@gmail.com ")
-    assert digest == h("alice_abc@gmail.com")
+    assert digest == sha256("alice_abc@gmail.com")
     assert digest is not None and digest.startswith("848a7714") and digest.endswith("3bb4f")
 
 
 def test_tiktok_phone_example() -> None:
     assert e164("(+1)2133734253", None) == "+12133734253"
     digest = normalise_phone("(+1)2133734253", None)
-    assert digest == h("+12133734253")
+    assert digest == sha256("+12133734253")
     assert digest is not None and digest.startswith("9f7ec22d") and digest.endswith("2dd2fd")
 
 
 def test_tiktok_external_id_example() -> None:
     digest = normalise_external_id("user_123")
-    assert digest == h("user_123")
+    assert digest == sha256("user_123")
     assert digest is not None and digest.startswith("80fba0ae") and digest.endswith("f2ab8b")
 
 
@@ -85,11 +80,11 @@ def test_section_9_example_hashes() -> None:
 
 
 def test_sha256_hex_and_detection() -> None:
-    assert sha256_hex("abc") == h("abc")
-    assert is_sha256_hex(h("abc"))
-    assert is_sha256_hex(h("abc").upper())
-    assert not is_sha256_hex(h("abc")[:-1])
-    assert not is_sha256_hex(h("abc") + "0")
+    assert sha256_hex("abc") == sha256("abc")
+    assert is_sha256_hex(sha256("abc"))
+    assert is_sha256_hex(sha256("abc").upper())
+    assert not is_sha256_hex(sha256("abc")[:-1])
+    assert not is_sha256_hex(sha256("abc") + "0")
     assert not is_sha256_hex("g" * 64)
 
 
@@ -109,7 +104,7 @@ def test_empty_values_are_absent_never_hashed(blank: str) -> None:
 
 
 def test_prehashed_values_are_lowercased_not_rehashed() -> None:
-    digest = h("someone@example.com")
+    digest = sha256("someone@example.com")
     assert normalise_email(digest.upper()) == digest
     assert normalise_phone(f"  {digest.upper()} ", None) == digest
     assert normalise_external_id(digest.upper()) == digest
@@ -117,7 +112,7 @@ def test_prehashed_values_are_lowercased_not_rehashed() -> None:
 
 
 def test_email_rules() -> None:
-    assert normalise_email("  Bob@Example.COM") == h("bob@example.com")
+    assert normalise_email("  Bob@Example.COM") == sha256("bob@example.com")
     for bad in ("not-an-email", "a@b@c", "a b@c.d", "@example.com", "bob@"):
         with pytest.raises(Dropped) as exc:
             normalise_email(bad)
@@ -129,7 +124,7 @@ def test_phone_with_region() -> None:
     assert e164("1 213 373 4253", "US") == "+12133734253"
     assert e164("020 7946 0958", "GB") == "+442079460958"
     assert e164("+44 20 7946 0958", "US") == "+442079460958"  # an explicit code wins
-    assert normalise_phone("213.373.4253", "US") == h("+12133734253")
+    assert normalise_phone("213.373.4253", "US") == sha256("+12133734253")
 
 
 def test_phone_without_country_code_or_region_is_dropped() -> None:
@@ -149,13 +144,13 @@ def test_invalid_phone_is_dropped(value: str, region: str | None) -> None:
 
 
 def test_external_id_keeps_case_and_trims() -> None:
-    assert normalise_external_id("  User_ABC ") == h("User_ABC")
+    assert normalise_external_id("  User_ABC ") == sha256("User_ABC")
     assert normalise_external_id("User_ABC") != normalise_external_id("user_abc")
 
 
 def test_names_and_zip_are_trimmed_lowercased_hashed() -> None:
-    assert normalise_hashed_name("  Jane ") == h("jane")
-    assert normalise_hashed_name("SW1A 1AA") == h("sw1a 1aa")
+    assert normalise_hashed_name("  Jane ") == sha256("jane")
+    assert normalise_hashed_name("SW1A 1AA") == sha256("sw1a 1aa")
 
 
 def test_places_keep_lowercase_letters_and_digits_unhashed() -> None:
@@ -246,12 +241,12 @@ def test_user_keeps_known_fields_and_hashes_pii() -> None:
     )
     assert warnings == []
     assert clean == {
-        "email": h("a@b.co"),
-        "phone": h("+12133734253"),
-        "external_id": h("X1"),
-        "first_name": h("jane"),
-        "last_name": h("doe"),
-        "zip_code": h("94107"),
+        "email": sha256("a@b.co"),
+        "phone": sha256("+12133734253"),
+        "external_id": sha256("X1"),
+        "first_name": sha256("jane"),
+        "last_name": sha256("doe"),
+        "zip_code": sha256("94107"),
         "city": "sanfrancisco",
         "state": "ca",
         "country": "us",
@@ -269,7 +264,7 @@ def test_user_keeps_known_fields_and_hashes_pii() -> None:
 
 def test_unknown_user_fields_are_dropped_with_a_warning() -> None:
     clean, warnings = user({"email": "a@b.co", "password": "hunter2", "full_name": "Jane Doe"})
-    assert clean == {"email": h("a@b.co")}
+    assert clean == {"email": sha256("a@b.co")}
     assert warnings == [FieldWarning("user", UNKNOWN_FIELD)] * 2
 
 
@@ -282,9 +277,9 @@ def test_lists_are_normalised_deduplicated_and_kept_as_lists() -> None:
         }
     )
     assert clean == {
-        "email": [h("a@b.co"), h("c@d.co")],
-        "phone": [h("+12133734253")],
-        "external_id": [h("x"), h("X")],
+        "email": [sha256("a@b.co"), sha256("c@d.co")],
+        "phone": [sha256("+12133734253")],
+        "external_id": [sha256("x"), sha256("X")],
     }
     assert warnings == []
 
@@ -299,7 +294,7 @@ def test_unusable_values_are_dropped_with_warnings_not_refused() -> None:
     clean, warnings = user(
         {"email": ["bad", "a@b.co"], "phone": "2133734253", "ip": "nope", "att_status": "x"}
     )
-    assert clean == {"email": [h("a@b.co")], "att_status": "x"}
+    assert clean == {"email": [sha256("a@b.co")], "att_status": "x"}
     assert warnings == [
         FieldWarning("user.email", UNPARSEABLE),
         FieldWarning("user.phone", NO_COUNTRY_CODE),
@@ -310,16 +305,16 @@ def test_unusable_values_are_dropped_with_warnings_not_refused() -> None:
 
 def test_phone_region_applies_in_user() -> None:
     clean, warnings = user({"phone": "(213) 373-4253"}, region="US")
-    assert clean == {"phone": h("+12133734253")}
+    assert clean == {"phone": sha256("+12133734253")}
     assert warnings == []
 
 
 def test_numbers_accepted_for_id_like_fields() -> None:
     clean, _ = user({"external_id": 8841, "phone": 12133734253, "zip_code": 94107}, region="US")
     assert clean == {
-        "external_id": h("8841"),
-        "phone": h("+12133734253"),
-        "zip_code": h("94107"),
+        "external_id": sha256("8841"),
+        "phone": sha256("+12133734253"),
+        "zip_code": sha256("94107"),
     }
 
 

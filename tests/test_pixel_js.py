@@ -16,7 +16,7 @@ import pytest
 
 from gateway import __version__
 from gateway.pixeljs import LONG_MAX_AGE, SHORT_MAX_AGE, load_script
-from tests.conftest import Gateway, GatewayFactory
+from tests.support import Gateway, GatewayFactory
 
 TEMPLATE = (importlib.resources.files("gateway") / "static" / "pixel.js").read_bytes()
 DIGEST = hashlib.sha256(TEMPLATE).hexdigest()[:16]

@@ -24,8 +24,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from tests.conftest import PIXEL, TOKEN, free_port
-from tests.helpers import browser_event, post_browser, post_server, server_event, sha256
+from tests.helpers import browser_event, post_browser, post_server, server_event
 from tests.processes import (
     POLL_SECONDS,
     STOP_SECONDS,
@@ -38,6 +37,7 @@ from tests.processes import (
     wait_gone,
     wait_ready,
 )
+from tests.support import PIXEL, TOKEN, free_port, sha256
 
 TTP = "ttp-process-test-0000001"
 

@@ -30,8 +30,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import promql
-from tests.conftest import PIXEL, PIXEL2, TOKEN2, Gateway, GatewayFactory, free_port
 from tests.helpers import browser_event, post_browser, post_server, server_event, wait_drained
+from tests.support import PIXEL, PIXEL2, TOKEN2, Gateway, GatewayFactory, free_port
 from tests.tiktok_stub import Answer, TikTokStub
 
 JOB = "tiktok-gateway"

@@ -20,7 +20,6 @@ checks relations between results instead.
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -49,6 +48,7 @@ from gateway.pii import (
     normalise_phone,
     normalise_user,
 )
+from tests.support import sha256
 
 NOW = 1_767_225_700.0  # 2026-01-01T00:01:40Z
 OPTS = ParseOptions(now=NOW)
@@ -59,10 +59,6 @@ MISSING: Any = object()  # a field left out of the body altogether
 relaxed = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --- one event, any shape -------------------------------------------------------------
@@ -86,6 +82,7 @@ names = mostly(
     ["Purchase", "CompletePayment", "ViewContent", "AddToCart", "custom_event-1"],
     ["", "9lives", "x" * 51, 42, None],
 )
+
 event_ids = st.one_of(
     mostly(["order-100234", "", "  ", 1.5, None, 2**63], ["x" * 513, True, 2**70]),
     st.integers(-5, 10**6),

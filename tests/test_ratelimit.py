@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 
 from gateway.browser import rate_limit_subject
 from gateway.store import Store
-from tests.conftest import Gateway, GatewayFactory, free_port
 from tests.helpers import browser_event, is_rate_counter
+from tests.support import Gateway, GatewayFactory, free_port
 from tests.tiktok_stub import TikTokStub
 
 TRUST_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)

@@ -35,19 +35,18 @@ from gateway.appkeys import FORWARDER
 from gateway.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 from gateway.settings import Settings
-from tests.conftest import PIXEL, TOKEN, Gateway, GatewayFactory
 from tests.helpers import (
     browser_event,
     post_browser,
     post_server,
     server_event,
-    sha256,
     wait_counts,
     wait_drained,
     wait_for,
     wait_timeline,
 )
 from tests.redis_faults import crash, revive
+from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory, sha256
 from tests.tiktok_stub import Answer, TikTokStub
 
 ENVELOPE_KEYS = {"code", "message", "request_id", "data"}

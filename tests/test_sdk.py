@@ -18,8 +18,7 @@ import orjson
 import pytest
 from business_api_client.tiktok_business.tiktok_exceptions import TiktokSDKError
 
-from tests.conftest import PIXEL, TOKEN, GatewayFactory
-from tests.helpers import sha256
+from tests.support import PIXEL, TOKEN, GatewayFactory, sha256
 from tests.tiktok_stub import TikTokStub
 
 EMAIL = " Jane.Doe@Example.COM "

@@ -22,7 +22,7 @@ from gateway.events import Event, Source
 from gateway.records import DeadLetter, DeadRecord, ForwardRecord, RetryRecord
 from gateway.store import BATCH_CALL_MAX, HISTORY_MIN_PER_SHARD, LAYOUT_KEY, Store, connect
 from gateway.window import RESEND_GUARD_MS, PendingKey, ShardWindow
-from tests.conftest import PIXEL, PIXEL2, free_port
+from tests.support import PIXEL, PIXEL2, free_port
 
 MERGE = 10.0
 DEDUP = 100.0

@@ -33,16 +33,9 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from tests.conftest import PIXEL, TOKEN
-from tests.helpers import (
-    browser_event,
-    post_browser,
-    post_server,
-    server_event,
-    sha256,
-    wait_for,
-)
+from tests.helpers import browser_event, post_browser, post_server, server_event, wait_for
 from tests.processes import FAST_FORWARDING, Launcher, environment
+from tests.support import PIXEL, TOKEN, sha256
 from tests.tiktok_stub import TikTokStub
 
 # The last release before the current changes to the data in Redis. Move it forward at

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import pathlib
-import socket
 from typing import Any
 
 import aiohttp
@@ -24,6 +23,7 @@ from gateway.upstream import (
     parse_retry_after,
     retry_delay,
 )
+from tests.support import free_port
 from tests.tiktok_stub import Answer, TikTokStub
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -52,14 +52,6 @@ async def send(
         data=data,
         test_event_code=test_event_code,
     )
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def result_with(code: int | None = None, retry_after: float | None = None) -> UpstreamResult:

@@ -23,16 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import WORKER_HEADER
 from gateway.cli import main
 from gateway.workers import restart_delay
-from tests.conftest import PIXEL, TOKEN
-from tests.helpers import browser_event, server_event, sha256
-from tests.processes import (
-    GatewayProcess,
-    Launcher,
-    alive,
-    embedded_redis_pid,
-    poll_until,
-    wait_gone,
-)
+from tests.helpers import browser_event, server_event
+from tests.processes import GatewayProcess, Launcher, alive, embedded_redis_pid, wait_gone
+from tests.support import PIXEL, TOKEN, poll_until, sha256
 from tests.tiktok_stub import TikTokStub
 
 WORKERS = 2

@@ -33,8 +33,9 @@ per batch. Keys of shard N:
                                 `inspect` show: one JSON record per copy, retry, forward,
                                 dead letter, replay or dropped duplicate (member, outcome,
                                 time, field names, never values). Written by the owner a
-                                batch at a time and cut to its share of
-                                GATEWAY_DEBUG_HISTORY: a fixed budget whatever the traffic.
+                                batch at a time and cut back to its share of
+                                GATEWAY_DEBUG_HISTORY once a tenth longer: a fixed
+                                budget whatever the traffic.
     tkgw:{N}:dead         STREAM dead letters: the merged event, TikTok's code and message.
 
 A copy of a key that is open in the owner's window is merged; of a key being sent,
@@ -138,6 +139,12 @@ class Keys:
     def keeps_history(self) -> bool:
         """Whether entries for /debug are written at all (GATEWAY_DEBUG_HISTORY > 0)."""
         return self.history_cap > 0
+
+    @property
+    def history_slack(self) -> int:
+        """Records a shard's history may hold beyond its cap before it is cut back: a
+        tenth more, so a commit cuts it now and then rather than every time."""
+        return max(HISTORY_MIN_PER_SHARD, self.history_cap // 10)
 
     @property
     def history_budget(self) -> int:

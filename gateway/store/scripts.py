@@ -63,8 +63,9 @@ return 1
 """
 
 # KEYS[1] the shard's owner key (the call's route; every other key shares its slot)
-# ARGV[1] shard key prefix, ARGV[2] token, ARGV[3] lease ms, ARGV[4] last log entry counted
-# ("" unchanged), ARGV[5] trim: log entries before this id are resolved ("" none),
+# ARGV[1] shard key prefix, ARGV[2] token, ARGV[3] history records beyond ARGV[9] before the
+# list is cut (cutting it at every commit would cost a command a commit), ARGV[4] last log
+# entry counted ("" unchanged), ARGV[5] trim: log entries before this id are resolved ("" none),
 # ARGV[6] keys open in the window, ARGV[7] earliest due ms (0 none), ARGV[8] now ms,
 # ARGV[9] history records kept, ARGV[10..14] how many of each list below follows:
 #   fingerprints to remember: bucket, fingerprint, Unix second (negative: dead-lettered)
@@ -77,10 +78,10 @@ return 1
 # copies from the log, so a crash between the two cannot lose or resurrect it.
 # Returns 0 when the shard is no longer ours (nothing written), else {1, dead letter ids...}.
 # Repeated (a retried timeout), it writes the same state again; only dead letters would be
-# added twice, and they are committed one batch at a time.
-COMMIT = OWNS + """
+# added twice, and they are committed one batch at a time. The lease is renewed apart (RENEW).
+COMMIT = """
 local p = ARGV[1]
-if not owns(KEYS[1], ARGV[2], ARGV[3]) then return 0 end
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
 local counts, i = {}, 15
 for k = 1, 5 do counts[k] = tonumber(ARGV[9 + k]) end
 
@@ -114,8 +115,10 @@ end
 if counts[5] > 0 then
   local records = {}
   for _ = 1, counts[5] do records[#records + 1] = ARGV[i]; i = i + 1 end
-  redis.call('LPUSH', p .. 'hist', unpack(records))
-  redis.call('LTRIM', p .. 'hist', 0, tonumber(ARGV[9]) - 1)
+  local kept = tonumber(ARGV[9])
+  if redis.call('LPUSH', p .. 'hist', unpack(records)) > kept + tonumber(ARGV[3]) then
+    redis.call('LTRIM', p .. 'hist', 0, kept - 1)
+  end
 end
 if ARGV[5] ~= '' then redis.call('XTRIM', p .. 'log', 'MINID', ARGV[5]) end
 local meta = {'pending', ARGV[6], 'due', ARGV[7], 'at', ARGV[8]}

@@ -250,7 +250,7 @@ class Store(Keys):
         calls = []
         for c in commits:
             args: list[Any] = [
-                self.prefix(c.shard), token, self.lease_ms, c.seen, c.trim, c.pending,
+                self.prefix(c.shard), token, self.history_slack, c.seen, c.trim, c.pending,
                 c.due_ms, int(time.time() * 1000), self.history_cap,
                 len(c.remember), len(c.retry_set), len(c.retry_del), len(c.dead),
                 len(c.history),
