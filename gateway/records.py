@@ -15,7 +15,7 @@ and text are stored as orjson writes them; nothing here re-encodes a body.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import orjson
@@ -68,35 +68,21 @@ class Copy:
 
     @classmethod
     def from_stored(cls, stored: dict[str, Any]) -> Copy:
-        # The owner builds one for every copy it reads: the slots are set directly, at
-        # half the cost of the frozen __init__ (object.__setattr__ a field).
-        copy = _new(cls)
-        _set_source(copy, stored["source"])
-        _set_pixel_code(copy, stored["pixel_code"])
-        _set_event_source(copy, stored.get("event_source"))
-        _set_test_event_code(copy, stored.get("test_event_code"))
-        _set_received_ms(copy, stored["received_ms"])
-        _set_body(copy, body := stored["body"])
-        # The previous design marked no-dedup keys apart from their copies, so the copies
-        # IMPORT_LEGACY moves carry no `nd`. A copy lacks event_id exactly when its key
-        # has no dedup: the body tells it (see scripts.IMPORT_LEGACY).
-        _set_dedup(copy, not stored.get("nd") and "event_id" in body)
-        _set_warnings(copy, stored.get("w"))
-        _set_first_ms(copy, stored.get("first_ms"))
-        _set_dead_letter(copy, stored.get("dead_letter"))
-        return copy
+        body = stored["body"]
+        return cls(
+            stored["source"], stored["pixel_code"], stored.get("event_source"),
+            stored.get("test_event_code"), stored["received_ms"], body,
+            # The previous design marked no-dedup keys apart from their copies, so the
+            # copies IMPORT_LEGACY moves carry no `nd`. A copy lacks event_id exactly when
+            # its key has no dedup: the body tells it (see scripts.IMPORT_LEGACY).
+            not stored.get("nd") and "event_id" in body,
+            stored.get("w"), stored.get("first_ms"), stored.get("dead_letter"),
+        )  # fmt: skip
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Copy:
         """A copy read from a log (the owner reads every one: kept to one pass)."""
         return cls.from_stored(orjson.loads(raw))
-
-
-_new = object.__new__
-(
-    _set_source, _set_pixel_code, _set_event_source, _set_test_event_code, _set_received_ms,
-    _set_body, _set_dedup, _set_warnings, _set_first_ms, _set_dead_letter,
-) = (Copy.__dict__[f.name].__set__ for f in fields(Copy))  # fmt: skip
 
 
 def _stored_copy(
