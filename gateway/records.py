@@ -75,7 +75,7 @@ class Copy:
             # The previous design marked no-dedup keys apart from their copies, so the
             # copies IMPORT_LEGACY moves carry no `nd`. A copy lacks event_id exactly when
             # its key has no dedup: the body tells it (see scripts.IMPORT_LEGACY).
-            not stored.get("nd") and "event_id" in body,
+            not stored.get("nd") and body.get("event_id") is not None,
             stored.get("w"), stored.get("first_ms"), stored.get("dead_letter"),
         )  # fmt: skip
 
