@@ -230,7 +230,7 @@ async def _list_dead_letters(store: Store, as_json: bool) -> int:
     letters = await store.dead_letters()
     if as_json:
         for dl in letters:
-            print(orjson.dumps({"id": dl.id, "member": dl.member, **dl.letter}).decode())
+            print(orjson.dumps({"id": dl.id, "member": dl.member, **dl.letter.stored()}).decode())
         return 0
     if not letters:
         print("no dead letters")
@@ -240,11 +240,11 @@ async def _list_dead_letters(store: Store, as_json: bool) -> int:
         "MESSAGE"
     )
     for dl in letters:
-        letter, event = dl.letter, dl.letter.get("event", {})
+        letter, event = dl.letter, dl.letter.event
         print(
-            f"{dl.id:<20} {letter.get('pixel_code', ''):<22} {event.get('event', ''):<18} "
-            f"{event.get('event_id', '')!s:<24} {letter.get('reason', ''):<9} "
-            f"{letter.get('code') or '':<6} {letter.get('message', '')}"
+            f"{dl.id:<20} {letter.pixel_code:<22} {event.get('event', ''):<18} "
+            f"{event.get('event_id', '')!s:<24} {letter.reason:<9} "
+            f"{letter.code or '':<6} {letter.message}"
         )
     print(f"{len(letters)} dead letter(s)")
     return 0

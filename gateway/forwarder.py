@@ -28,12 +28,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from .errors import StoreUnavailable
 from .events import dedup_name
 from .merge import merge_copies
 from .metrics import MATCH_KEYS, Metrics
+from .records import DeadLetter, DeadRecord, ForwardRecord, RetryRecord
 from .settings import Settings
 from .store import Store
 from .upstream import RATE_LIMIT_CODES, EventSender, Outcome, UpstreamResult, retry_delay
@@ -66,16 +65,16 @@ def build_outgoing(
     """Merge a key's copies in arrival order; the first copy decides what it is."""
     first = key.copies[0]
     test_code = next(
-        (c["test_event_code"] for c in key.copies if c.get("test_event_code")), default_test_code
+        (c.test_event_code for c in key.copies if c.test_event_code), default_test_code
     )
     return Outgoing(
         window=window,
         key=key,
-        pixel_code=first["pixel_code"],
-        event_source=first.get("event_source") or "web",
+        pixel_code=first.pixel_code,
+        event_source=first.event_source or "web",
         test_event_code=test_code,
         # The copies were parsed for this window alone: merged in place, nothing copied.
-        body=merge_copies((c["body"] for c in key.copies), in_place=True),
+        body=merge_copies((c.body for c in key.copies), in_place=True),
     )
 
 
@@ -359,15 +358,15 @@ class Forwarder:
         tally: collections.Counter[tuple[str, str]] = collections.Counter()
         debug = log.isEnabledFor(logging.DEBUG)
         for a in absorbed:
-            tally[self._pixel_label(a.copy["pixel_code"]), a.outcome] += 1
+            tally[self._pixel_label(a.copy.pixel_code), a.outcome] += 1
             if debug:
-                body = a.copy["body"]
+                body = a.copy.body
                 log.debug(
                     "%s %s event %s for pixel %s: %s",
-                    a.copy.get("source"), body.get("event"), body.get("event_id"),
-                    a.copy["pixel_code"], a.outcome,
-                    extra={"pixel": a.copy["pixel_code"], "event": body.get("event"),
-                           "event_id": body.get("event_id"), "source": a.copy.get("source"),
+                    a.copy.source, body.get("event"), body.get("event_id"),
+                    a.copy.pixel_code, a.outcome,
+                    extra={"pixel": a.copy.pixel_code, "event": body.get("event"),
+                           "event_id": body.get("event_id"), "source": a.copy.source,
                            "outcome": a.outcome},
                 )  # fmt: skip
         for (pixel, outcome), count in tally.items():
@@ -405,8 +404,8 @@ class Forwarder:
                     log.warning("shard %d is owned by another instance now; letting it go",
                                 c.shard)  # fmt: skip
             else:
-                for reason in _dead_reasons(c.dead):
-                    self.metrics.dead_lettered.labels(reason).inc()
+                for _member, letter in c.dead:
+                    self.metrics.dead_lettered.labels(letter.reason).inc()
         if len(failed) == len(commits):
             raise next(iter(failed.values()))
 
@@ -466,11 +465,11 @@ class Forwarder:
         # Counted before the commit: TikTok has the events whatever happens to our
         # bookkeeping, and anyone who sees the key remembered also sees the counts.
         self._count_delivered(items, now)
-        record = _record("forwarded", now, request_id=result.request_id, code=result.code,
-                         batch=batch, batch_size=len(items))  # fmt: skip
-        now_ms = int(now * 1000)
+        at, now_ms = round(now, 3), int(now * 1000)
         for item in items:
-            item.window.delivered(item.key, now_ms, {**record, "attempts": item.key.attempts})
+            record = ForwardRecord(item.key.member, at, result.request_id, result.code, batch,
+                                   len(items), item.key.attempts)  # fmt: skip
+            item.window.delivered(item.key, now_ms, record)
         log.info(
             "forwarded %d event(s) for pixel %s (request_id %s)",
             len(items), items[0].pixel_code, result.request_id,
@@ -506,11 +505,10 @@ class Forwarder:
             rate_limits=self._rate_limited.get(items[0].pixel_code, 0),
         )
         now = self.clock()
-        record = _record("retry", now, code=result.code, http_status=result.http_status,
-                         message=result.message, retry_in=round(delay, 3), batch=batch,
-                         attempt=attempt)  # fmt: skip
         due_ms = int((now + delay) * 1000)
         for item in items:
+            record = RetryRecord(item.key.member, round(now, 3), result.code, result.http_status,
+                                 result.message, round(delay, 3), batch, attempt)  # fmt: skip
             item.window.retry(item.key, due_ms, record)
         self.metrics.forward_retries.inc(len(items))
         log.warning(
@@ -557,24 +555,15 @@ class Forwarder:
     ) -> None:
         """Move an event to the dead letters, at its shard's next commit."""
         now = self.clock()
-        letter = {
-            "reason": reason,
-            "code": code,
-            "message": message,
-            "pixel_code": item.pixel_code,
-            "event_source": item.event_source,
-            "test_event_code": item.test_event_code,
-            "first_seen": item.key.first_seen_ms / 1000,
-            "dead_lettered_at": now,
-            "attempts": item.key.attempts,
-            "dedup": item.key.dedup,
-            "event": item.body,
-        }
-        record = _record("dead_lettered", now, reason=reason, code=code, message=message,
-                         attempts=item.key.attempts)  # fmt: skip
-        if batch:
-            record["batch"] = batch
-        item.window.dead(item.key, orjson.dumps(letter), int(now * 1000), record)
+        letter = DeadLetter(
+            reason=reason, code=code, message=message, pixel_code=item.pixel_code,
+            event_source=item.event_source, test_event_code=item.test_event_code,
+            first_seen=item.key.first_seen_ms / 1000, dead_lettered_at=now,
+            attempts=item.key.attempts, dedup=item.key.dedup, event=item.body,
+        )  # fmt: skip
+        record = DeadRecord(item.key.member, round(now, 3), reason, code, message,
+                            item.key.attempts, batch or None)  # fmt: skip
+        item.window.dead(item.key, letter, int(now * 1000), record)
         log.warning(
             "dead-lettered %s event %s for pixel %s: %s (code %s)",
             item.body.get("event"), item.body.get("event_id"), item.pixel_code, message, code,
@@ -591,15 +580,6 @@ class Forwarder:
 
     def _pixel_label(self, pixel_code: str) -> str:
         return self.metrics.pixel_label(pixel_code, self.settings.pixels)
-
-
-def _record(outcome: str, at: float, **fields: Any) -> dict[str, Any]:
-    """A history record of an attempt (see ShardWindow._note)."""
-    return {"outcome": outcome, "at": round(at, 3), **fields}
-
-
-def _dead_reasons(dead: Sequence[tuple[str, bytes]]) -> list[str]:
-    return [str(orjson.loads(letter)["reason"]) for _member, letter in dead]
 
 
 def _sending(window: ShardWindow) -> bool:

@@ -1,17 +1,10 @@
-"""The /debug history's records as Redis keeps them: small, so a fixed budget holds many.
-
-A record is a JSON object: the member, then what happened (`outcome`, `at`, the
-copy's `source` and `fields`, TikTok's request id, ...). Stored, the common names
-are one letter and the field names a bit set over FIELD_TABLE (a name outside it is
-kept as text): a copy's record is about 110 bytes instead of 330. `/debug` and
-`inspect` read records back with their full names.
+"""The field names a /debug history record lists: FIELD_TABLE, whose bit set a record
+stores instead of the names (see records.CopyRecord), and the walk that finds a body's.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import orjson
 
 # The fields TikTok's Events API knows, as history records name them. Append only:
 # records written by earlier versions keep their meaning.
@@ -31,7 +24,6 @@ FIELD_TABLE: tuple[str, ...] = (
     "ad.callback", "app.app_id", "app.app_name", "app.app_version", "lead.lead_id",
     "lead.lead_event_source", "partner_name", "context.ad.callback",
 )  # fmt: skip
-_INDEX = {name: i for i, name in enumerate(FIELD_TABLE)}
 
 
 def _tree(names: tuple[str, ...]) -> dict[str, Any]:
@@ -47,8 +39,6 @@ def _tree(names: tuple[str, ...]) -> dict[str, Any]:
 
 
 _TREE = _tree(FIELD_TABLE)
-_SHORT = {"outcome": "o", "at": "t", "source": "s", "warnings": "w"}
-_LONG = {short: name for name, short in _SHORT.items()}
 
 
 def copy_fields(body: dict[str, Any], tree: dict[str, Any] = _TREE) -> tuple[int, list[str]]:
@@ -81,42 +71,3 @@ def field_names(body: dict[str, Any], prefix: str = "") -> list[str]:
         else:
             names.append(prefix + key)
     return names
-
-
-def pack(member: str, record: dict[str, Any]) -> bytes:
-    """A record as stored (see the module docstring). Its `fields` are names, or a
-    (bit set, other names) pair from copy_fields."""
-    stored: dict[str, Any] = {"m": member}
-    for name, value in record.items():
-        if name == "fields":
-            if isinstance(value, tuple):
-                mask, other = value
-            else:
-                mask, other = 0, []
-                for field in value:
-                    index = _INDEX.get(field)
-                    if index is None:
-                        other.append(field)
-                    else:
-                        mask |= 1 << index
-            stored["f"] = format(mask, "x")
-            if other:
-                stored["fx"] = other
-        else:
-            stored[_SHORT.get(name, name)] = value
-    return orjson.dumps(stored)
-
-
-def unpack(raw: bytes) -> tuple[str | None, dict[str, Any]]:
-    """(member, record with its full names) of a stored record."""
-    stored = orjson.loads(raw)
-    member = stored.pop("m", None)
-    record: dict[str, Any] = {}
-    for name, value in stored.items():
-        if name == "f":
-            mask = int(value, 16)
-            fields = [field for i, field in enumerate(FIELD_TABLE) if mask >> i & 1]
-            record["fields"] = fields + stored.get("fx", [])
-        elif name != "fx":
-            record[_LONG.get(name, name)] = value
-    return member, record

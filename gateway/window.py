@@ -18,16 +18,15 @@ from __future__ import annotations
 import collections
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import orjson
+from typing import Literal
 
 from . import history
 from .events import SOURCES, Source
+from .records import Copy, CopyOutcome, CopyRecord, DeadLetter, HistoryRecord, RetryState
 from .store.keys import BOTH_SOURCES, SOURCE_BITS, Keys
 from .store.state import Commit, LogEntry, until_second
 
-Outcome = Literal["new", "merged", "complete", "duplicate", "replayed"]
+Outcome = CopyOutcome
 KeyState = Literal["open", "sending", "retry"]
 HISTORY_FIELDS_MAX = 64  # field names a history record lists; the rest are counted
 HISTORY_NAME_MAX = 64  # characters of a field name a history record keeps
@@ -48,7 +47,7 @@ class PendingKey:
     first_seen_ms: int
     due_ms: int
     sources: int  # bits of SOURCE_BITS
-    copies: list[dict[str, Any]]
+    copies: list[Copy]
     dedup: bool
     state: KeyState = "open"
     attempts: int = 0
@@ -59,22 +58,21 @@ class PendingKey:
     def source_set(self) -> frozenset[Source]:
         return frozenset(s for s in SOURCES if self.sources & SOURCE_BITS[s])
 
-    def retry_json(self) -> bytes:
-        """The key as the retry hash keeps it (see reading._retry_state)."""
-        return orjson.dumps(
-            {
-                "t0": self.first_seen_ms, "due": self.due_ms, "src": self.sources,
-                "att": self.attempts, "nd": 0 if self.dedup else 1, "n": self.copies_received,
-                "dup": self.duplicates, "copies": self.copies,
-            }
+    def retry_state(self) -> RetryState:
+        """The key as the retry hash keeps it."""
+        return RetryState(
+            first_seen_ms=self.first_seen_ms, due_ms=self.due_ms, sources=self.sources,
+            attempts=self.attempts, dedup=self.dedup, copies_received=self.copies_received,
+            duplicates=self.duplicates, copies=tuple(self.copies),
         )  # fmt: skip
 
     @classmethod
-    def from_retry(cls, member: str, state: dict[str, Any]) -> PendingKey:
+    def from_retry(cls, member: str, state: RetryState) -> PendingKey:
         return cls(
-            member=member, first_seen_ms=state["t0"], due_ms=state["due"], sources=state["src"],
-            copies=state["copies"], dedup=state["nd"] != 1, state="retry",
-            attempts=state["att"], copies_received=state["n"], duplicates=state["dup"],
+            member=member, first_seen_ms=state.first_seen_ms, due_ms=state.due_ms,
+            sources=state.sources, copies=list(state.copies), dedup=state.dedup, state="retry",
+            attempts=state.attempts, copies_received=state.copies_received,
+            duplicates=state.duplicates,
         )  # fmt: skip
 
 
@@ -83,7 +81,7 @@ class Absorbed:
     """What the window made of one copy, for the counters and the log lines."""
 
     member: str
-    copy: dict[str, Any]
+    copy: Copy
     outcome: Outcome
 
 
@@ -112,7 +110,7 @@ class ShardWindow:
 
     # -- copies in ----------------------------------------------------------------
 
-    def load_retries(self, retries: dict[str, dict[str, Any]]) -> None:
+    def load_retries(self, retries: dict[str, RetryState]) -> None:
         """Keys a previous owner left waiting for a retry."""
         for member, state in retries.items():
             key = PendingKey.from_retry(member, state)
@@ -135,7 +133,7 @@ class ShardWindow:
         for entry in entries:
             counted = _id(entry.id) <= _id(self.counted_id)
             for member, raw in entry.copies:
-                copy = orjson.loads(raw)
+                copy = Copy.from_json(raw)
                 outcome = self._absorb(entry.id, member, copy, remembered, now_ms)
                 if counted:
                     continue
@@ -149,18 +147,18 @@ class ShardWindow:
         self,
         entry_id: str,
         member: str,
-        copy: dict[str, Any],
+        copy: Copy,
         remembered: dict[str, int],
         now_ms: int,
     ) -> Outcome:
         key = self.pending.get(member)
-        source = copy.get("source")
+        source = copy.source
         # A replayed dead letter: sent again whatever is remembered. One the previous design
-        # replayed (imported by IMPORT_LEGACY) has no "dead_letter" id nor "first_ms".
-        if copy.get("source") == "replay":
+        # replayed (imported by IMPORT_LEGACY) has no dead letter id nor first copy time.
+        if source == "replay":
             if key is not None:
                 return "duplicate"
-            first_ms = copy.get("first_ms", copy["received_ms"])
+            first_ms = copy.received_ms if copy.first_ms is None else copy.first_ms
             self._open(entry_id, member, copy, first_ms, now_ms, sources=0)
             return "replayed"
         if key is not None:
@@ -169,7 +167,7 @@ class ShardWindow:
                 return "duplicate"
             key.copies.append(copy)
             key.copies_received += 1
-            key.sources |= SOURCE_BITS.get(source, 0)  # type: ignore[arg-type]
+            key.sources |= SOURCE_BITS.get(source, 0)
             if key.sources == BOTH_SOURCES and self.early_flush and key.due_ms > now_ms:
                 self._set_due(key, now_ms)
                 return "complete"
@@ -177,16 +175,15 @@ class ShardWindow:
         until = remembered.get(member)
         if until is not None and abs(until) * 1000 > now_ms:
             return "duplicate"
-        first = copy["received_ms"]
-        due = first if copy.get("nd") else first + self.merge_window_ms
-        self._open(entry_id, member, copy, first, due, SOURCE_BITS.get(source, 0))  # type: ignore[arg-type]
+        first = copy.received_ms
+        due = first + self.merge_window_ms if copy.dedup else first
+        self._open(entry_id, member, copy, first, due, SOURCE_BITS.get(source, 0))
         return "new"
 
     def _open(
-        self, entry_id: str, member: str, copy: dict[str, Any], first_ms: int, due_ms: int,
-        sources: int,
-    ) -> None:  # fmt: skip
-        key = PendingKey(member, first_ms, due_ms, sources, [copy], dedup=not copy.get("nd"))
+        self, entry_id: str, member: str, copy: Copy, first_ms: int, due_ms: int, sources: int
+    ) -> None:
+        key = PendingKey(member, first_ms, due_ms, sources, [copy], dedup=copy.dedup)
         self.pending[member] = key
         self.pins[member] = entry_id
         heapq.heappush(self._due, (due_ms, member))
@@ -221,26 +218,26 @@ class ShardWindow:
             taken.append(key)
         return taken
 
-    def delivered(self, key: PendingKey, now_ms: int, record: dict[str, Any] | None) -> None:
+    def delivered(self, key: PendingKey, now_ms: int, record: HistoryRecord | None) -> None:
         """TikTok has it: remember the key for its dedup window."""
         self._resolve(key, now_ms, sign=1, record=record)
 
     def dead(
-        self, key: PendingKey, letter: bytes, now_ms: int, record: dict[str, Any] | None
+        self, key: PendingKey, letter: DeadLetter, now_ms: int, record: HistoryRecord | None
     ) -> None:
         """Dead-lettered: remembered as dead, so later copies stay dropped until a replay."""
         assert self._commit is not None
         self._commit.dead.append((key.member, letter))
         self._resolve(key, now_ms, sign=-1, record=record)
 
-    def retry(self, key: PendingKey, due_ms: int, record: dict[str, Any] | None) -> None:
+    def retry(self, key: PendingKey, due_ms: int, record: HistoryRecord | None) -> None:
         """A send failed: the key waits in the retry hash, out of the log."""
         assert self._commit is not None
         key.state = "retry"
         self._set_due(key, due_ms)
         self.pins.pop(key.member, None)
-        self._commit.retry_set.append((key.member, key.retry_json()))
-        self._note(key.member, record)
+        self._commit.retry_set.append((key.member, key.retry_state()))
+        self._note(record)
 
     def release(self, key: PendingKey) -> None:
         """Not sent after all (stopping): due again as it was."""
@@ -249,7 +246,7 @@ class ShardWindow:
         self._set_due(key, key.due_ms)
 
     def _resolve(
-        self, key: PendingKey, now_ms: int, sign: int, record: dict[str, Any] | None
+        self, key: PendingKey, now_ms: int, sign: int, record: HistoryRecord | None
     ) -> None:
         assert self._commit is not None
         del self.pending[key.member]
@@ -262,38 +259,32 @@ class ShardWindow:
         fp, bucket = self.keys.fingerprint(key.member)
         self._commit.remember.append((bucket, fp, sign * until_second(forget_ms)))
         if key.dedup:
-            self._note(key.member, record)
+            self._note(record)
 
     # -- history and commits --------------------------------------------------------
 
-    def _note(self, member: str, record: dict[str, Any] | None) -> None:
+    def _note(self, record: HistoryRecord | None) -> None:
         if record is not None and self.history:
             assert self._commit is not None
-            self._commit.history.append(history.pack(member, record))
+            self._commit.history.append(record)
 
-    def _record_copy(self, member: str, copy: dict[str, Any], outcome: Outcome) -> None:
+    def _record_copy(self, member: str, copy: Copy, outcome: Outcome) -> None:
         """A history record naming the fields a copy brought and its field warnings, never
         values; of bounded size (see HISTORY_FIELDS_MAX)."""
-        if copy.get("nd"):
+        if not copy.dedup:
             return  # a key no one can look up
-        mask, other = history.copy_fields(copy["body"])
+        mask, other = history.copy_fields(copy.body)
         room = max(0, HISTORY_FIELDS_MAX - mask.bit_count())
-        record: dict[str, Any] = {
-            "outcome": outcome,
-            "at": copy["received_ms"] / 1000,
-            "source": copy.get("source"),
-            "fields": (mask, [name[:HISTORY_NAME_MAX] for name in other[:room]]),
-        }
-        if len(other) > room:
-            record["fields_omitted"] = len(other) - room
-        if "w" in copy:
-            record["warnings"] = copy["w"]
-        if "dead_letter" in copy:
-            record["dead_letter"] = copy["dead_letter"]
         key = self.pending.get(member)
-        if key is not None and key.state == "open" and outcome != "duplicate":
-            record["due"] = key.due_ms / 1000
-        self._note(member, record)
+        open_key = key is not None and key.state == "open" and outcome != "duplicate"
+        self._note(
+            CopyRecord(
+                member, outcome, copy.received_ms / 1000, copy.source, mask,
+                [name[:HISTORY_NAME_MAX] for name in other[:room]],
+                len(other) - room if len(other) > room else None, copy.warnings,
+                copy.dead_letter, key.due_ms / 1000 if open_key and key else None,
+            )
+        )  # fmt: skip
 
     def commit_due(self) -> int | None:
         """When the changes not yet committed must be (ms): now for a resolved key, after

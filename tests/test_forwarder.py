@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import aiohttp
 
 from gateway.forwarder import Pacer, build_outgoing
+from gateway.records import Copy
 from gateway.store import Keys
 from gateway.window import PendingKey, ShardWindow
 from tests.helpers import post_server, server_event, wait_drained, wait_for
@@ -73,9 +75,9 @@ async def test_one_poison_event_is_isolated_and_its_batch_mates_delivered(
         f"poison-{i}" for i in range(10) if i != 7
     )
     [letter] = await gateway.store.dead_letters()
-    assert letter.letter["event"]["event_id"] == "poison-7"
-    assert letter.letter["code"] == 40002
-    assert "event_id" in letter.letter["message"]
+    assert letter.letter.event["event_id"] == "poison-7"
+    assert letter.letter.code == 40002
+    assert "event_id" in letter.letter.message
     await wait_for(
         lambda: gateway.metric("gateway_events_dead_lettered_total", {"reason": "rejected"}) == 1,
         "the poison event counted as dead-lettered",
@@ -110,7 +112,7 @@ async def test_events_too_old_to_send_are_dead_lettered(
     assert event["event_id"] == "new-1"
     await wait_drained(gateway, 1)
     [letter] = await gateway.store.dead_letters()
-    assert letter.letter["reason"] == "too_old"
+    assert letter.letter.reason == "too_old"
 
 
 async def test_dead_letters_replay_through_the_normal_path(
@@ -153,10 +155,10 @@ def test_outgoing_takes_first_copy_name_and_first_test_code() -> None:
         sources=3,
         dedup=True,
         copies=[
-            {"pixel_code": "P", "event_source": "web", "test_event_code": None,
-             "body": {"event": "CompletePayment", "event_time": 5, "user": {"ttp": "a"}}},
-            {"pixel_code": "P", "event_source": "web", "test_event_code": "T1",
-             "body": {"event": "Purchase", "event_time": 9, "user": {"email": "e"}}},
+            Copy("pixel", "P", "web", None, 1000,
+                 {"event": "CompletePayment", "event_time": 5, "user": {"ttp": "a"}}),
+            Copy("server", "P", "web", "T1", 1500,
+                 {"event": "Purchase", "event_time": 9, "user": {"email": "e"}}),
         ],
     )  # fmt: skip
     out = build_outgoing(window, key, default_test_code="CONF")
@@ -165,7 +167,7 @@ def test_outgoing_takes_first_copy_name_and_first_test_code() -> None:
     assert out.test_event_code == "T1"
     assert out.batch_key == ("P", "web", "T1")
     assert (out.window, out.key) == (window, key)
-    key.copies[1]["test_event_code"] = None
+    key.copies[1] = dataclasses.replace(key.copies[1], test_event_code=None)
     assert build_outgoing(window, key, "CONF").test_event_code == "CONF"
 
 

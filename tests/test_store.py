@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.errors import LayoutMismatch, StoreUnavailable
 from gateway.events import Event, Source
+from gateway.records import DeadLetter, DeadRecord, ForwardRecord, RetryRecord
 from gateway.store import BATCH_CALL_MAX, HISTORY_MIN_PER_SHARD, LAYOUT_KEY, Store, connect
 from gateway.window import RESEND_GUARD_MS, PendingKey, ShardWindow
 from tests.support import PIXEL, PIXEL2, free_port
@@ -112,28 +113,27 @@ class Owner:
 
     async def deliver(self, keys: list[PendingKey], now: float, request_id: str = "req") -> None:
         for key in keys:
-            record = {"outcome": "forwarded", "at": now, "request_id": request_id,
-                      "attempts": key.attempts}  # fmt: skip
+            record = ForwardRecord(key.member, now, request_id, 0, "b-1", len(keys), key.attempts)
             self.window_of(key).delivered(key, ms(now), record)
         replies = await self.commit()
         assert None not in replies.values()
 
     async def dead(self, keys: list[PendingKey], now: float) -> list[str]:
         for key in keys:
-            record = {"outcome": "dead_lettered", "at": now, "attempts": key.attempts}
-            self.window_of(key).dead(key, orjson.dumps(letter_of(key, now)), ms(now), record)
+            record = DeadRecord(key.member, now, "rejected", 40002, "bad field", key.attempts)
+            self.window_of(key).dead(key, letter_of(key, now), ms(now), record)
         replies = await self.commit()
         return [i for ids in replies.values() if ids is not None for i in ids]
 
 
-def letter_of(key: PendingKey, now: float) -> dict[str, Any]:
-    """A dead letter shaped as the forwarder writes it."""
-    return {
-        "reason": "rejected", "code": 40002, "message": "bad field", "pixel_code": PIXEL,
-        "event_source": "web", "test_event_code": None, "first_seen": key.first_seen_ms / 1000,
-        "dead_lettered_at": now, "attempts": key.attempts, "dedup": key.dedup,
-        "event": {**key.copies[0]["body"], "merged": True},
-    }  # fmt: skip
+def letter_of(key: PendingKey, now: float) -> DeadLetter:
+    """A dead letter as the forwarder writes it."""
+    return DeadLetter(
+        reason="rejected", code=40002, message="bad field", pixel_code=PIXEL,
+        event_source="web", test_event_code=None, first_seen=key.first_seen_ms / 1000,
+        dead_lettered_at=now, attempts=key.attempts, dedup=key.dedup,
+        event={**key.copies[0].body, "merged": True},
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ async def test_a_log_entry_naming_one_member_twice_keeps_both_copies(
     assert sum(await log_lengths(redis_client, store)) == 1
     assert await owner.read(t0) == ["new", "merged"]
     [key] = owner.due(t0 + MERGE)
-    assert [(c["body"].get("a"), c["body"].get("b")) for c in key.copies] == [(1, None), (None, 2)]
+    assert [(c.body.get("a"), c.body.get("b")) for c in key.copies] == [(1, None), (None, 2)]
 
 
 async def test_concurrent_ingests_share_one_xadd_per_shard(
@@ -304,9 +304,9 @@ async def test_copies_merge_in_arrival_order(make_store: StoreFactory, t0: float
     assert key.member == store.member(copies[0]) == f"{PIXEL}:Purchase:o-1"
     assert key.source_set == frozenset({"pixel", "server"})
     assert (key.attempts, key.dedup, key.copies_received) == (1, True, 3)
-    assert [c["body"] for c in key.copies] == [c.body for c in copies]
-    assert [c["received_ms"] for c in key.copies] == [ms(t0 + i) for i in range(3)]
-    assert [c["test_event_code"] for c in key.copies] == [None, "TEST123", None]
+    assert [c.body for c in key.copies] == [c.body for c in copies]
+    assert [c.received_ms for c in key.copies] == [ms(t0 + i) for i in range(3)]
+    assert [c.test_event_code for c in key.copies] == [None, "TEST123", None]
 
 
 async def test_copy_after_complete_merges_until_taken_then_is_a_duplicate(
@@ -317,7 +317,7 @@ async def test_copy_after_complete_merges_until_taken_then_is_a_duplicate(
     await store.ingest([event(source="pixel")], t0 + 0.5)
     assert await owner.read(t0 + 0.5) == ["new", "complete", "merged"]
     [key] = owner.due(t0 + 0.5)
-    assert [c["source"] for c in key.copies] == ["pixel", "server", "pixel"]
+    assert [c.source for c in key.copies] == ["pixel", "server", "pixel"]
     await store.ingest([event(source="server")], t0 + 0.6)
     assert await owner.read(t0 + 0.6) == ["duplicate"]  # while being sent
     assert len(key.copies) == 3
@@ -466,7 +466,9 @@ async def test_a_stale_owners_commit_writes_nothing(
     await redis_client.delete(store.owner_key(shard))  # its lease ran out meanwhile
     assert await fresh.own() == [shard]
     assert await store.renew([shard], stale.token) == {shard: False}
-    stale.window_of(key).delivered(key, ms(t0 + 1), {"outcome": "forwarded"})
+    stale.window_of(key).delivered(
+        key, ms(t0 + 1), ForwardRecord(key.member, t0 + 1, "req", 0, "b-1", 1, 1)
+    )
     assert await stale.commit() == {shard: None}
     assert await redis_client.keys(f"{store.prefix(shard)}r:*") == []
     assert await redis_client.xlen(store.log_key(shard)) == 1
@@ -510,7 +512,7 @@ async def test_a_new_owner_rebuilds_the_window_without_counting_copies_again(
     # The copies counted before rebuild the window silently; the new one is counted.
     assert await second.read(t0 + 2) == ["complete"]
     [key] = second.due(t0 + 2)
-    assert [c["received_ms"] for c in key.copies] == [ms(t0), ms(t0 + 1), ms(t0 + 2)]
+    assert [c.received_ms for c in key.copies] == [ms(t0), ms(t0 + 1), ms(t0 + 2)]
     assert key.first_seen_ms == ms(t0)
     await second.deliver([key], t0 + 2)
     info = await store.inspect(PIXEL, "o-1", "Purchase")
@@ -529,7 +531,8 @@ async def test_a_key_waiting_for_a_retry_lives_in_the_retry_hash_not_the_log(
     [key] = first.due(t0)
     shard = store.shard_of(key.member)
     retry_at = t0 + 20
-    first.window_of(key).retry(key, ms(retry_at), {"outcome": "retry", "at": t0})
+    record = RetryRecord(key.member, t0, 50000, 200, "busy", retry_at - t0, "b-1", 1)
+    first.window_of(key).retry(key, ms(retry_at), record)
     await first.commit()
     assert await redis_client.xlen(store.log_key(shard)) == 0  # it does not pin the log
     assert await redis_client.hkeys(store.retry_key(shard)) == [key.member.encode()]
@@ -550,7 +553,7 @@ async def test_a_key_waiting_for_a_retry_lives_in_the_retry_hash_not_the_log(
     [again] = second.due(retry_at)
     assert again.member == key.member
     assert again.attempts == 2
-    assert [c["source"] for c in again.copies] == ["pixel", "server"]  # not the duplicate
+    assert [c.source for c in again.copies] == ["pixel", "server"]  # not the duplicate
     await second.deliver([again], retry_at)
     assert await redis_client.hlen(store.retry_key(shard)) == 0
     assert await store.counts() == (0, 0)
@@ -576,7 +579,10 @@ async def test_dead_letter_is_remembered_negative_and_replaying_twice_sends_once
     info = await store.inspect(PIXEL, "o-1", "Purchase")
     assert info is not None
     assert info["state"] == "dead"
-    assert info["timeline"][-1] == {"outcome": "dead_lettered", "at": t0 + 1, "attempts": 1}
+    assert info["timeline"][-1] == {
+        "outcome": "dead_lettered", "at": t0 + 1, "reason": "rejected", "code": 40002,
+        "message": "bad field", "attempts": 1,
+    }  # fmt: skip
 
     await store.ingest([event(source="pixel")], t0 + 2)
     assert await owner.read(t0 + 2) == ["duplicate"]  # dropped until a replay
@@ -589,9 +595,9 @@ async def test_dead_letter_is_remembered_negative_and_replaying_twice_sends_once
     assert again.member == key.member
     assert (again.first_seen_ms, again.attempts, again.dedup) == (ms(t0), 1, True)
     [copy] = again.copies
-    assert copy["source"] == "replay"
-    assert copy["body"] == dl.letter["event"]
-    assert copy["received_ms"] == ms(t0 + 10)
+    assert copy.source == "replay"
+    assert copy.body == dl.letter.event
+    assert copy.received_ms == ms(t0 + 10)
     await owner.deliver([again], t0 + 11, "req-replay")
     info = await store.inspect(PIXEL, "o-1", "Purchase")
     assert info is not None
@@ -825,11 +831,11 @@ async def test_import_legacy_moves_pending_keys_into_the_log_with_their_copies(
     for m, c in await logged(store):
         copies.setdefault(m, []).append(c)
     assert copies[member] == pair  # byte for byte: no re-encoding
-    assert orjson.loads(copies[no_id][0]) == {**orjson.loads(lone), "nd": 1}
+    assert copies[no_id] == [lone]  # unmarked: its body has no event_id
 
     assert sorted(await owner.read(t0)) == ["complete", "new", "new"]
     keys = {k.member: k for k in owner.due(t0)}
-    assert keys[member].copies[0]["body"]["value"] == big
+    assert keys[member].copies[0].body["value"] == big
     assert keys[member].source_set == frozenset({"pixel", "server"})
     assert not keys[no_id].dedup
     await owner.deliver(list(keys.values()), t0)
@@ -969,6 +975,6 @@ async def test_a_dead_letter_replayed_before_the_upgrade_is_sent_after_it(
     assert await owner.read(t0) == ["replayed"]
     [key] = owner.due(t0)
     assert key.member == member
-    assert key.copies[0]["body"] == body
+    assert key.copies[0].body == body
     await owner.deliver([key], t0)
     assert (await store.remembered({shard: [member]}))[member] > 0  # sent, no longer dead

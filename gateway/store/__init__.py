@@ -8,7 +8,7 @@
 """
 
 from .keys import HISTORY_MIN_PER_SHARD, HISTORY_READ_CHUNK, LAYOUT_KEY, Keys
-from .reading import Backlog, DeadLetter
+from .reading import Backlog, DeadLetterEntry
 from .runner import BATCH_CALL_MAX, BatchItem, RedisClient, Runner, connect
 from .state import Commit, LogEntry, Store
 
@@ -20,7 +20,7 @@ __all__ = [
     "Backlog",
     "BatchItem",
     "Commit",
-    "DeadLetter",
+    "DeadLetterEntry",
     "Keys",
     "LogEntry",
     "RedisClient",

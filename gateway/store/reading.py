@@ -8,10 +8,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
-from .. import history
 from ..events import SOURCES
+from ..records import (
+    CopyRecord,
+    DeadLetter,
+    DeadRecord,
+    ForwardRecord,
+    HistoryRecord,
+    RetryState,
+    history_from_json,
+)
 from .keys import HISTORY_READ_CHUNK, SOURCE_BITS, Keys
 from .runner import Runner, text
 
@@ -26,11 +32,13 @@ class Backlog:
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
+class DeadLetterEntry:
+    """A dead letter where its shard's stream keeps it."""
+
     id: str
     shard: int
     member: str
-    letter: dict[str, Any]
+    letter: DeadLetter
 
 
 class Reader:
@@ -44,7 +52,7 @@ class Reader:
         self.merge_window_ms = merge_window_ms
         self.dedup_window_ms = dedup_window_ms
 
-    async def dead_letters(self, count: int = 1000) -> list[DeadLetter]:
+    async def dead_letters(self, count: int = 1000) -> list[DeadLetterEntry]:
         """Dead letters of every shard, oldest first within a shard."""
         async with self.runner.guard():
             pipe = self.runner.client.pipeline(transaction=False)
@@ -55,11 +63,11 @@ class Reader:
         for shard, entries in enumerate(replies):
             for entry_id, fields in entries:
                 letters.append(
-                    DeadLetter(
+                    DeadLetterEntry(
                         id=text(entry_id),
                         shard=shard,
                         member=text(fields[b"member"]),
-                        letter=orjson.loads(fields[b"letter"]),
+                        letter=DeadLetter.from_json(fields[b"letter"]),
                     )
                 )
         return letters
@@ -121,10 +129,10 @@ class Reader:
         if until is not None and abs(until) * 1000 <= now_ms:
             until = None
         timeline = await self._history_of(shard, member)
-        whole = bool(timeline) and timeline[0].get("outcome") == "new"
+        whole = bool(timeline) and timeline[0].outcome == "new"
         history = {"kept_entries": self.keys.history_budget, "from_first_copy": whole}
         if retry is not None:
-            state = _retry_state(orjson.loads(retry), timeline)
+            state = _retry_state(RetryState.from_json(retry), timeline)
         elif _is_open(timeline):
             # Before the remembered fingerprint: a replayed dead letter is open again.
             state = _open_state(timeline, whole)
@@ -136,26 +144,27 @@ class Reader:
             }
         else:
             return None
-        return {"key": names, **state, "timeline": timeline, "history": history}
+        shown = [record.view() for record in timeline]
+        return {"key": names, **state, "timeline": shown, "history": history}
 
-    async def _history_of(self, shard: int, member: str) -> list[dict[str, Any]]:
+    async def _history_of(self, shard: int, member: str) -> list[HistoryRecord]:
         """A member's records in its shard's history, oldest first: read newest first, in
         chunks, back to the key's first copy or to the oldest record kept. The history is
         capped, so the scan is bounded; an admin's question, not the hot path."""
         if not self.keys.keeps_history:
             return []
-        found: list[dict[str, Any]] = []
+        found: list[HistoryRecord] = []
         key = self.keys.history_key(shard)
         async with self.runner.guard():
             for start in range(0, self.keys.history_cap, HISTORY_READ_CHUNK):
                 stop = min(start + HISTORY_READ_CHUNK, self.keys.history_cap) - 1
                 chunk = await self.runner.client.lrange(key, start, stop)  # type: ignore[misc]
                 for raw in chunk:
-                    of, record = history.unpack(raw)
-                    if of != member:
+                    record = history_from_json(raw)
+                    if record.member != member:
                         continue
                     found.append(record)
-                    if record.get("outcome") == "new":
+                    if record.outcome == "new":
                         return found[::-1]
                 if len(chunk) <= stop - start:
                     break
@@ -164,50 +173,50 @@ class Reader:
 
 COPY_OUTCOMES = ("new", "merged", "complete", "replayed")  # a copy into the window
 RECEIVED_OUTCOMES = ("new", "merged", "complete")  # a copy a client sent and that counted
-FINAL_OUTCOMES = ("forwarded", "dead_lettered")
 
 
-def _retry_state(state: dict[str, Any], timeline: list[dict[str, Any]]) -> dict[str, Any]:
-    """A key waiting for its next attempt, from its retry record (see window.PendingKey)
-    and, for what happened before a replay, its timeline."""
+def _retry_state(state: RetryState, timeline: list[HistoryRecord]) -> dict[str, Any]:
+    """A key waiting for its next attempt, from its retry state and, for what happened
+    before a replay, its timeline."""
     received = _received(timeline)
     return {
         "state": "retry",
-        "sources": _sources(received, state["src"]),
-        "first_seen": state["t0"] / 1000,
-        "due": state["due"] / 1000,
+        "sources": _sources(received, state.sources),
+        "first_seen": state.first_seen_ms / 1000,
+        "due": state.due_ms / 1000,
         "forwarded_at": None,
         "tiktok_request_id": None,
-        "copies_received": max(state["n"], len(received)),
-        "copies_pending": len(state["copies"]),
-        "attempts": max(state["att"], _attempts(timeline)),
-        "duplicates_dropped": max(state["dup"], _duplicates(timeline)),
+        "copies_received": max(state.copies_received, len(received)),
+        "copies_pending": len(state.copies),
+        "attempts": max(state.attempts, _attempts(timeline)),
+        "duplicates_dropped": max(state.duplicates, _duplicates(timeline)),
         "forgotten_in": None,
     }
 
 
-def _is_open(timeline: list[dict[str, Any]]) -> bool:
+def _is_open(timeline: list[HistoryRecord]) -> bool:
     """Whether the key's latest record, duplicates aside, is a copy: it is in its owner's
     window (merging, or being sent) and not yet resolved."""
-    latest = next((e for e in reversed(timeline) if e.get("outcome") != "duplicate"), None)
-    return latest is not None and latest.get("outcome") in COPY_OUTCOMES
+    latest = next((e for e in reversed(timeline) if e.outcome != "duplicate"), None)
+    return latest is not None and latest.outcome in COPY_OUTCOMES
 
 
-def _open_state(timeline: list[dict[str, Any]], whole: bool) -> dict[str, Any]:
+def _open_state(timeline: list[HistoryRecord], whole: bool) -> dict[str, Any]:
     """A key open in its owner's window, as its history tells it: the copies since its
     first copy or its replay are pending, due as the latest of them recorded."""
-    starts = [i for i, e in enumerate(timeline) if e.get("outcome") in ("new", "replayed")]
+    starts = [i for i, e in enumerate(timeline) if e.outcome in ("new", "replayed")]
     waiting = timeline[starts[-1] if starts else 0 :]
     received = _received(timeline)
+    dues = (e.due for e in reversed(waiting) if isinstance(e, CopyRecord) and e.due is not None)
     return {
         "state": "open",
         "sources": _sources(received),
-        "first_seen": received[0].get("at") if whole else None,
-        "due": next((e["due"] for e in reversed(waiting) if "due" in e), None),
+        "first_seen": received[0].at if whole else None,
+        "due": next(dues, None),
         "forwarded_at": None,
         "tiktok_request_id": None,
         "copies_received": len(received),
-        "copies_pending": sum(e.get("outcome") in COPY_OUTCOMES for e in waiting),
+        "copies_pending": sum(e.outcome in COPY_OUTCOMES for e in waiting),
         "attempts": _attempts(timeline),
         "duplicates_dropped": _duplicates(timeline),
         "forgotten_in": None,
@@ -215,18 +224,18 @@ def _open_state(timeline: list[dict[str, Any]], whole: bool) -> dict[str, Any]:
 
 
 def _remembered_state(
-    timeline: list[dict[str, Any]], first_seen: float, whole: bool
+    timeline: list[HistoryRecord], first_seen: float, whole: bool
 ) -> dict[str, Any]:
     """What is known of a key after it left: its fingerprint (`first_seen`, to the second),
     and what its history still holds (`whole`: back to its first copy)."""
     received = _received(timeline)
-    forwards = [e for e in timeline if e.get("outcome") == "forwarded"]
+    forwards = [e for e in timeline if isinstance(e, ForwardRecord)]
     return {
         "sources": _sources(received),
-        "first_seen": received[0].get("at", first_seen) if whole else first_seen,
+        "first_seen": received[0].at if whole else first_seen,
         "due": None,
-        "forwarded_at": forwards[-1].get("at") if forwards else None,
-        "tiktok_request_id": forwards[-1].get("request_id") if forwards else None,
+        "forwarded_at": forwards[-1].at if forwards else None,
+        "tiktok_request_id": forwards[-1].request_id if forwards else None,
         "copies_received": len(received),
         "copies_pending": 0,
         "attempts": _attempts(timeline),
@@ -234,31 +243,32 @@ def _remembered_state(
     }
 
 
-def _received(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for e in timeline if e.get("outcome") in RECEIVED_OUTCOMES]
+def _received(timeline: list[HistoryRecord]) -> list[CopyRecord]:
+    return [
+        e for e in timeline if isinstance(e, CopyRecord) and e.outcome in RECEIVED_OUTCOMES
+    ]
 
 
-def _sources(received: list[dict[str, Any]], bits: int = 0) -> list[str]:
+def _sources(received: list[CopyRecord], bits: int = 0) -> list[str]:
     """The sources of the copies received (or named by `bits`, of SOURCE_BITS)."""
-    seen = {e.get("source") for e in received}
+    seen = {e.source for e in received}
     return [s for s in SOURCES if s in seen or bits & SOURCE_BITS[s]]
 
 
-def _duplicates(timeline: list[dict[str, Any]]) -> int:
-    return sum(e.get("outcome") == "duplicate" for e in timeline)
+def _duplicates(timeline: list[HistoryRecord]) -> int:
+    return sum(e.outcome == "duplicate" for e in timeline)
 
 
-def _attempts(timeline: list[dict[str, Any]]) -> int:
+def _attempts(timeline: list[HistoryRecord]) -> int:
     """Sends made, over the key's dead letters and replays: each forward or dead letter
     records the sends that led to it (earlier retries may have been pushed out); failed
     sends since the last of them count one each."""
     attempts = since_final = 0
     for e in timeline:
-        outcome = e.get("outcome")
-        if outcome == "retry":
+        if e.outcome == "retry":
             since_final += 1
-        elif outcome in FINAL_OUTCOMES:
-            attempts += int(e.get("attempts", since_final + 1))
+        elif isinstance(e, ForwardRecord | DeadRecord):
+            attempts += e.attempts
             since_final = 0
     return attempts + since_final
 

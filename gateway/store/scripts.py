@@ -141,20 +141,19 @@ return 1
 # ARGV[1] shard key prefix, ARGV[2] token, ARGV[3] lease ms, ARGV[4] members at most
 # The previous design kept a pending key as a hash (k:), its copies as a list (c:) and
 # its timeline (t:), queued in a due zset. Moves up to ARGV[4] of them into the log, each
-# copy as it was received (a key without dedup marked "nd"), and deletes them; with the
-# last, the zset and the old history stream go too. Returns how many remain, or -1 when
-# the shard is not ours.
+# copy byte for byte as it was received, and deletes them; with the last, the zset and
+# the old history stream go too. Returns how many remain, or -1 when the shard is not ours.
+# A key without dedup (no event_id) was marked in its hash, not in its copies, and the
+# copies are not marked here: decoding and encoding one with cjson would round numbers of
+# more than 14 digits, and splicing JSON text is fragile. The owner needs no mark: a copy
+# without event_id is one of such a key (see records.Copy.from_stored).
 IMPORT_LEGACY = OWNS + """
 local p = ARGV[1]
 if not owns(KEYS[1], ARGV[2], ARGV[3]) then return -1 end
 local members = redis.call('ZRANGE', p .. 'due', 0, tonumber(ARGV[4]) - 1)
 for _, member in ipairs(members) do
-  local nd = redis.call('HGET', p .. 'k:' .. member, 'nd')
   local entry = {}
   for _, copy in ipairs(redis.call('LRANGE', p .. 'c:' .. member, 0, -1)) do
-    -- A copy is a JSON object as orjson wrote it, ending in '}'. Not re-encoded with
-    -- cjson, which would round numbers of more than 14 digits.
-    if nd == '1' then copy = string.sub(copy, 1, -2) .. ',"nd":1}' end
     entry[#entry + 1] = member; entry[#entry + 1] = copy
   end
   if #entry > 0 then redis.call('XADD', p .. 'log', '*', unpack(entry)) end

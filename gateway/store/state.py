@@ -16,14 +16,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from redis.asyncio.cluster import RedisCluster
 
 from ..errors import LayoutMismatch
 from ..events import Event
+from ..records import Copy, DeadLetter, HistoryRecord, RetryState
 from ..settings import StoreSettings
 from .keys import INSTANCES_KEY, LAYOUT_KEY, Keys
-from .reading import Backlog, DeadLetter, Reader
+from .reading import Backlog, DeadLetterEntry, Reader
 from .runner import BatchItem, RedisClient, Runner, log, text
 
 # The store's options default to the settings' (GATEWAY_SHARDS, ...), declared there once.
@@ -49,10 +49,10 @@ class Commit:
     pending: int = 0  # keys open in the window
     due_ms: int = 0  # the earliest due time, 0 when none
     remember: list[tuple[int, bytes, int]] = field(default_factory=list)  # bucket, fp, second
-    retry_set: list[tuple[str, bytes]] = field(default_factory=list)
+    retry_set: list[tuple[str, RetryState]] = field(default_factory=list)
     retry_del: list[str] = field(default_factory=list)
-    dead: list[tuple[str, bytes]] = field(default_factory=list)
-    history: list[bytes] = field(default_factory=list)  # oldest first
+    dead: list[tuple[str, DeadLetter]] = field(default_factory=list)
+    history: list[HistoryRecord] = field(default_factory=list)  # oldest first
 
 
 class Store(Keys):
@@ -105,7 +105,7 @@ class Store(Keys):
             member = self.member(event)
             key = self.log_key(self.shard_of(member))
             items.append(
-                BatchItem("XADD", key, (key, "*"), (member, copy_json(event, now_ms)))
+                BatchItem("XADD", key, (key, "*"), (member, Copy.event_json(event, now_ms)))
             )
         await self.runner.shared(items)
 
@@ -181,7 +181,7 @@ class Store(Keys):
 
     # -- what an owner reads -------------------------------------------------------------
 
-    async def take_over(self, shard: int) -> tuple[str, dict[str, dict[str, Any]]]:
+    async def take_over(self, shard: int) -> tuple[str, dict[str, RetryState]]:
         """What a new owner starts from: the last log entry its predecessor counted, and
         the keys waiting for a retry (member -> state)."""
         async with self.runner.guard():
@@ -191,7 +191,7 @@ class Store(Keys):
             seen, retry = await pipe.execute()
         return (
             text(seen) if seen else "0-0",
-            {text(m): orjson.loads(state) for m, state in retry.items()},
+            {text(m): RetryState.from_json(state) for m, state in retry.items()},
         )
 
     async def read(
@@ -258,11 +258,11 @@ class Store(Keys):
             for bucket, fp, second in c.remember:
                 args += (bucket, fp, second)
             for member, state in c.retry_set:
-                args += (member, state)
+                args += (member, state.to_json())
             args += c.retry_del
             for member, letter in c.dead:
-                args += (member, letter)
-            args += c.history
+                args += (member, letter.to_json())
+            args += (record.to_json() for record in c.history)
             calls.append(("commit", (self.owner_key(c.shard),), args))
         replies = await self.runner.run(calls, partial=True)
         out: dict[int, list[str] | Exception | None] = {}
@@ -275,24 +275,13 @@ class Store(Keys):
 
     # -- dead letters and house-keeping ------------------------------------------------
 
-    async def replay(self, letters: Sequence[DeadLetter], now: float) -> int:
+    async def replay(self, letters: Sequence[DeadLetterEntry], now: float) -> int:
         """Queue dead letters for sending again; returns how many were queued."""
         calls = []
         for dl in letters:
-            copy = {
-                "source": "replay",
-                "pixel_code": dl.letter["pixel_code"],
-                "event_source": dl.letter["event_source"],
-                "test_event_code": dl.letter.get("test_event_code"),
-                "received_ms": int(now * 1000),
-                "first_ms": int(dl.letter["first_seen"] * 1000),
-                "dead_letter": dl.id,
-                "body": dl.letter["event"],
-            }
-            if not dl.letter.get("dedup", True):
-                copy["nd"] = 1
+            copy = dl.letter.replay_copy(dl.id, int(now * 1000))
             keys = (self.dead_key(dl.shard), self.log_key(dl.shard))
-            calls.append(("replay", keys, (dl.id, dl.member, orjson.dumps(copy))))
+            calls.append(("replay", keys, (dl.id, dl.member, copy.to_json())))
         return sum(int(r) for r in await self.runner.run(calls))
 
     async def sweep(self, now: float, shard: int, buckets: range) -> int:
@@ -343,7 +332,7 @@ class Store(Keys):
 
     # -- reading (see reading.py) ------------------------------------------------
 
-    async def dead_letters(self, count: int = 1000) -> list[DeadLetter]:
+    async def dead_letters(self, count: int = 1000) -> list[DeadLetterEntry]:
         """Dead letters of every shard, oldest first within a shard."""
         return await self.reader.dead_letters(count)
 
@@ -361,24 +350,6 @@ class Store(Keys):
     ) -> dict[str, Any] | None:
         """A key's state and timeline, for /debug and `inspect`; None when unknown."""
         return await self.reader.inspect(pixel_code, event_id, event_name)
-
-
-def copy_json(event: Event, now_ms: int) -> bytes:
-    """A copy as its shard's log keeps it: where it came from, when, and the event.
-    `nd`: no event_id, so no dedup; `w`: its field warnings, for the history."""
-    copy: dict[str, Any] = {
-        "source": event.source,
-        "pixel_code": event.pixel_code,
-        "event_source": event.event_source,
-        "test_event_code": event.test_event_code,
-        "received_ms": now_ms,
-        "body": event.body,
-    }
-    if event.event_id is None:
-        copy["nd"] = 1
-    if event.warnings:
-        copy["w"] = [warning.as_dict() for warning in event.warnings]
-    return orjson.dumps(copy)
 
 
 def until_second(ms: int) -> int:
