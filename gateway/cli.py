@@ -25,7 +25,8 @@ from .app import make_store, sandbox_log_path
 from .embedded import EmbeddedRedis
 from .errors import ConfigError, GatewayError
 from .logs import setup_logging
-from .settings import Settings, effective, redact_url
+from .setting_types import redact_url
+from .settings import Settings, effective
 from .store import Store, connect
 
 log = logging.getLogger("gateway.cli")

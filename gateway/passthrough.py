@@ -34,7 +34,8 @@ from yarl import URL
 from .appkeys import METRICS, SESSION, SETTINGS
 from .errors import NotFound, NotOurCaller, PathNotCanonical, PathNotRelayed
 from .ingest import INGEST_PATHS
-from .settings import CANONICAL_SEGMENT, UpstreamSettings
+from .setting_types import CANONICAL_SEGMENT
+from .settings import UpstreamSettings
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import time
 
 import aiohttp
 
-from gateway.forwarder import Pacer, build_outgoing
 from gateway.records import Copy
+from gateway.sending import Pacer, build_outgoing
 from gateway.store import Keys
 from gateway.window import PendingKey, ShardWindow
 from tests.helpers import post_server, server_event, wait_drained, wait_for

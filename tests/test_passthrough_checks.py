@@ -28,7 +28,8 @@ from gateway.passthrough import (
     check_token,
     is_allowed,
 )
-from gateway.settings import CANONICAL_SEGMENT, Settings
+from gateway.setting_types import CANONICAL_SEGMENT
+from gateway.settings import Settings
 
 UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 SETTINGS = dataclasses.replace(Settings(), pixels={"P1": "token-one", "P2": "token-two"})
