@@ -201,7 +201,7 @@ class DeadLetter:
 # Stored small, so a fixed budget holds many: the member as `m`, the outcome as `o`, the
 # time as `t`; a copy's source as `s`, its warnings as `w`, and its field names as a bit
 # set over history.FIELD_TABLE in hex (`f`) plus the names outside it as text (`fx`). A
-# copy's record is about 110 bytes instead of 330. `/debug` and `inspect` show records
+# copy's record takes about half the bytes of its full form. `/debug` and `inspect` show records
 # with their full names (`view`).
 
 

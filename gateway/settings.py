@@ -206,7 +206,7 @@ class StoreSettings:
     debug_history: int = setting(
         "DEBUG_HISTORY", 10_000, parse.whole_number,
         "records of the `/debug` history kept in Redis, over all shards (at least 10 a "
-        "shard): a fixed budget, about 1.3 MB by default; `0`: none (see [Inspecting one "
+        "shard): a fixed budget, about 2 MB by default; `0`: none (see [Inspecting one "
         "event](#inspecting-one-event))",
     )
 
