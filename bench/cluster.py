@@ -22,7 +22,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import MovedError, ReadOnlyError, RedisError, ResponseError
 
 from gateway.embedded import EmbeddedRedis
 from gateway.store.keys import INSTANCES_KEY, LAYOUT_KEY
@@ -137,11 +137,11 @@ class LocalCluster:
 
     async def clear(self) -> None:
         """Empty every primary but for the gateways' leases (see `clear_keys`; replicas follow
-        their primary)."""
+        their primary, and send a delete to it: MOVED, passed over)."""
         for url in self.urls:
             client = aioredis.Redis.from_url(url)
             try:
-                with contextlib.suppress(ReadOnlyError):
+                with contextlib.suppress(ReadOnlyError, MovedError):
                     await clear_keys(client)
             finally:
                 await client.aclose()
