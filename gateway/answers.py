@@ -74,7 +74,7 @@ async def _answer(
         # A client's mistake, not ours: INFO (a flood of rate-limited beacons: DEBUG).
         log.log(
             logging.DEBUG if isinstance(exc, RateLimited) else logging.INFO,
-            "refused %s %s: %s", request.method, _logged_path(request), exc.message,
+            "refused %s %s: %s", request.method, logged_path(request), exc.message,
             extra={"outcome": "refused", "code": exc.code, "status": status},
         )
         response = envelope(request, exc.code, exc.message, status=status)
@@ -113,7 +113,7 @@ async def _answer(
         return envelope(request, 50000, "internal error", status=500)
 
 
-def _logged_path(request: web.Request) -> str:
+def logged_path(request: web.Request) -> str:
     """The path as received, without its query (it may carry ids); shortened if long.
 
     Raw, so a refused `%2e%2e` shows as sent, and a decoded `%0a` cannot start a log line.

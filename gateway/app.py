@@ -7,7 +7,8 @@ sandbox file) -> the forwarder and the background loops.
 
 Where a request goes: ingest.py (TikTok's paths), browser.py (/pixel/events),
 ops.py (health, readiness, metrics, OpenAPI, /debug), passthrough.py (other
-/open_api/ paths); answers.py turns every error into TikTok's envelope.
+/open_api/ paths), console/ (the diagnostics pages at /console/); answers.py turns
+every error into TikTok's envelope (the console's own into pages).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from . import browser, demo, ops, passthrough, pixeljs
 from .answers import error_middleware
 from .appkeys import EMBEDDED, FORWARDER, METRICS, SCRAPE, SESSION, SETTINGS, STORE
+from .console import web as console
 from .embedded import EmbeddedRedis
 from .errors import LayoutMismatch, StoreUnavailable
 from .forwarder import Forwarder
@@ -90,8 +92,9 @@ def create_app(
     names the worker's pid in an X-Gateway-Worker header.
     """
     app = web.Application(
-        # CORS outermost, so error answers carry its headers too and the page can read them.
-        middlewares=[browser.cors_middleware, error_middleware],
+        # CORS outermost, so error answers carry its headers too and the page can read them;
+        # the console's innermost: its errors are pages, not TikTok's envelope.
+        middlewares=[browser.cors_middleware, error_middleware, console.console_middleware],
         client_max_size=settings.max_body_bytes,
         handler_args=HTTP_LIMITS,
     )
@@ -123,6 +126,7 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
     r.add_get("/readyz", ops.readyz)
     r.add_get("/debug/events/{pixel}/{event_id}/{event}", ops.debug_event)
     r.add_get("/openapi.json", ops.openapi_handler)
+    console.add_routes(app, settings)  # /console/: see console/web.py
     # Any tail, even one a decoded %0a ends (`.` alone stops there): the check answers it.
     r.add_route("*", "/open_api/{tail:(?s:.*)}", passthrough.handler)
 

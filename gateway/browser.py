@@ -147,7 +147,7 @@ def is_trusted_proxy(address: str, proxies: Networks) -> bool:
     return any(ip in net for net in proxies)
 
 
-def _https(request: web.Request, settings: Settings) -> bool:
+def reached_over_https(request: web.Request, settings: Settings) -> bool:
     """Whether the browser reached us over HTTPS: directly, or as a trusted proxy says."""
     if request.secure:
         return True
@@ -181,7 +181,7 @@ def remember_click(
                 max_age=TTCLID_COOKIE_MAX_AGE,
                 path="/",
                 domain=settings.cookie_domain,
-                secure=_https(request, settings) if secure is None else secure,
+                secure=reached_over_https(request, settings) if secure is None else secure,
                 samesite=settings.cookie_samesite,
             )
             return
