@@ -74,7 +74,8 @@ class ServerSettings:
     )
     admin_token: str | None = setting(
         "ADMIN_TOKEN", None, parse.text,
-        "bearer token for `/debug/*`; debug is off when unset",
+        "bearer token for `/debug/*` and the console at `/console/` (its login); unset, debug "
+        "is off and the console is open only in sandbox mode, to requests from this machine",
         unset="unset", show=masked,
     )
     # The demo shop at /demo/; None: on in sandbox mode only.

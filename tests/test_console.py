@@ -232,6 +232,12 @@ async def test_console_errors_are_pages_and_static_files_are_served(
     assert status == 404
     status, _, resp = await get(http, f"{gateway.url}/console", headers=bearer)
     assert status == 303 and resp.headers["Location"] == "/console/"
+    # A form that cannot be read is the client's mistake, not ours.
+    status, body, resp = await post(
+        http, f"{gateway.url}/console/dead-letters/replay", b"all=1&confirm=yes",
+        headers={**bearer, "Content-Type": "multipart/form-data"},
+    )  # fmt: skip
+    assert status == 400 and resp.content_type == "text/html"
     # TikTok's own paths keep their envelope.
     async with http.get(f"{gateway.url}/open_api/v1.3/nope/") as resp:
         assert resp.content_type == "application/json"

@@ -274,7 +274,10 @@ CSRF_REFUSED = (
 
 
 async def _csrf_passes(request: web.Request, who: Access, settings: Settings) -> bool:
-    form = await request.post()
+    try:  # read here, before any handler: they find it parsed (a multipart body without
+        form = await request.post()  # its boundary is a ValueError)
+    except ValueError:
+        raise web.HTTPBadRequest(reason="the form could not be read") from None
     given = form.get("csrf")
     return access.csrf_ok(request, who, settings, given if isinstance(given, str) else None)
 
