@@ -20,6 +20,7 @@ from tests.support import PIXEL, Gateway, GatewayFactory
 from tests.tiktok_stub import Answer, TikTokStub
 
 ADMIN = "admin-token-for-the-console-0123456789"
+BEARER = {"Authorization": f"Bearer {ADMIN}"}
 TRUST_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 HOSTILE_EVENT = "Purchase"  # event names are letters, digits, '_' and '-' (else refused)
 HOSTILE_ID = '"><img src=x onerror=alert(1)>/../?x#y'
@@ -105,17 +106,16 @@ async def test_the_bearer_token_opens_pages_and_actions_without_a_form(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
     gateway = await console_gateway(make_gateway)
-    bearer = {"Authorization": f"Bearer {ADMIN}"}
-    status, body, resp = await get(http, f"{gateway.url}/console/dead-letters", headers=bearer)
+    status, body, resp = await get(http, f"{gateway.url}/console/dead-letters", headers=BEARER)
     assert status == 200 and "No dead letters" in body
     assert_console_headers(resp)
     # A script's POST carries the token itself: no CSRF token, but still no other site's.
     status, _, _ = await post(http, f"{gateway.url}/console/dead-letters/replay",
-                              {"all": "1", "confirm": "yes"}, headers=bearer)  # fmt: skip
+                              {"all": "1", "confirm": "yes"}, headers=BEARER)  # fmt: skip
     assert status == 303
     status, _, _ = await post(
         http, f"{gateway.url}/console/dead-letters/replay", {"all": "1", "confirm": "yes"},
-        headers={**bearer, "Sec-Fetch-Site": "cross-site"},
+        headers={**BEARER, "Sec-Fetch-Site": "cross-site"},
     )  # fmt: skip
     assert status == 403
 
@@ -220,8 +220,7 @@ async def test_console_errors_are_pages_and_static_files_are_served(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
     gateway = await console_gateway(make_gateway)
-    bearer = {"Authorization": f"Bearer {ADMIN}"}
-    status, body, resp = await get(http, f"{gateway.url}/console/no-such-page", headers=bearer)
+    status, body, resp = await get(http, f"{gateway.url}/console/no-such-page", headers=BEARER)
     assert status == 404 and resp.content_type == "text/html" and "request_id" not in body
     assert_console_headers(resp)
     for name, kind in (("console.css", "text/css"), ("console.js", "application/javascript")):
@@ -230,12 +229,12 @@ async def test_console_errors_are_pages_and_static_files_are_served(
         assert_console_headers(resp)
     status, _, _ = await get(http, f"{gateway.url}/console/static/..%2fsettings.py")
     assert status == 404
-    status, _, resp = await get(http, f"{gateway.url}/console", headers=bearer)
+    status, _, resp = await get(http, f"{gateway.url}/console", headers=BEARER)
     assert status == 303 and resp.headers["Location"] == "/console/"
     # A form that cannot be read is the client's mistake, not ours.
     status, body, resp = await post(
         http, f"{gateway.url}/console/dead-letters/replay", b"all=1&confirm=yes",
-        headers={**bearer, "Content-Type": "multipart/form-data"},
+        headers={**BEARER, "Content-Type": "multipart/form-data"},
     )  # fmt: skip
     assert status == 400 and resp.content_type == "text/html"
     # TikTok's own paths keep their envelope.
@@ -253,13 +252,12 @@ async def test_hostile_names_ids_and_messages_are_escaped(
     tiktok.queue(Answer(code=40105, message="<img src=x onerror=alert(2)> token refused"))
     await post_server(http, gateway.url, [server_event(HOSTILE_ID, HOSTILE_EVENT)])
     await wait_drained(gateway, 1)
-    bearer = {"Authorization": f"Bearer {ADMIN}"}
     status, body, _ = await get(
-        http, gateway.url + key_path(PIXEL, HOSTILE_ID, HOSTILE_EVENT), headers=bearer
+        http, gateway.url + key_path(PIXEL, HOSTILE_ID, HOSTILE_EVENT), headers=BEARER
     )
     assert status == 200, body
     assert "&#34;&gt;&lt;img" in body and "<img src=x" not in body
-    status, body, _ = await get(http, f"{gateway.url}/console/dead-letters", headers=bearer)
+    status, body, _ = await get(http, f"{gateway.url}/console/dead-letters", headers=BEARER)
     assert status == 200
     assert "&lt;img src=x onerror=alert(2)&gt; token refused" in body
     assert "<img" not in body
