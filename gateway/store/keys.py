@@ -87,7 +87,7 @@ LAYOUT_KEY = "tkgw:layout"
 INSTANCES_KEY = "tkgw:instances"
 CONSOLE_PREFIX = "tkgw:{console}:"
 CONSOLE_ANSWERS_KEY = CONSOLE_PREFIX + "answers"
-CONSOLE_MINUTE_TTL = 2 * 3600  # the console shows minutes for the last 15 of them
+CONSOLE_MINUTE_TTL = 30 * 60  # the console shows minutes for the last 15 of them
 CONSOLE_HOUR_TTL = 26 * 3600  # and hours for the last 24
 CONSOLE_ANSWERS_TTL = 7 * 86400
 HISTORY_MIN_PER_SHARD = 10  # records kept a shard at least, when the history is on
@@ -164,12 +164,6 @@ class Keys:
     def history_budget(self) -> int:
         """Debug history records kept over all shards."""
         return self.history_cap * self.shards
-
-    @staticmethod
-    def legacy_keys(shard: int, member: str) -> tuple[str, str, str]:
-        """The previous design's pending-key hash, copies list and timeline list."""
-        p = Keys.prefix(shard)
-        return f"{p}k:{member}", f"{p}c:{member}", f"{p}t:{member}"
 
     def rate_counter_key(self, client: str) -> str:
         """The browser rate limit's counter of one client address (see RATE_LIMIT)."""
