@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .backoff import doubling
-from .errors import ConfigError, StoreUnavailable
+from .errors import ConfigError
 from .redis_process import (
     LOG_NAME,
     ServerConfig,
@@ -67,7 +67,6 @@ class EmbeddedRedis:
         self._proc: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
-        self._changed = asyncio.Condition()
         self.restarts = 0
         """How many times the supervisor brought the server back."""
         self.failed = False
@@ -136,13 +135,6 @@ class EmbeddedRedis:
             # Safe even if the server outlived us: it holds its own copy of the lock.
             self._unlock_data_dir()
 
-    async def wait_restarted(self, count: int) -> None:
-        """Wait until the supervisor has restarted the server `count` times in all."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.restarts >= count or self.failed)
-        if self.restarts < count:
-            raise StoreUnavailable("the embedded redis-server failed and was not restarted")
-
     # -- the process ---------------------------------------------------------
 
     async def _launch(self) -> asyncio.subprocess.Process:
@@ -202,7 +194,6 @@ class EmbeddedRedis:
                 continue
             log.warning("embedded redis-server restarted (pid %d)", self._proc.pid)
             self.restarts += 1
-            await self._notify()
             return failures
         log.error(
             "embedded redis-server failed %d times in quick succession; giving up (see %s)",
@@ -210,9 +201,4 @@ class EmbeddedRedis:
             self.log_path,
         )
         self.failed = True
-        await self._notify()
         return failures
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()

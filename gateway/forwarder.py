@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from .console.tally import Tally
 from .errors import StoreUnavailable
 from .metrics import Metrics
 from .sending import BatchSender, Outgoing, build_outgoing
@@ -54,7 +55,8 @@ class Forwarder:
         self.metrics = metrics
         self.clock = clock
         self.shards = Shards(store, settings, metrics, clock)
-        self.sender = BatchSender(senders, settings, metrics, clock)
+        self.tally = Tally(store, clock)  # what the console shows, written once a second
+        self.sender = BatchSender(senders, settings, metrics, clock, self.tally)
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -88,6 +90,7 @@ class Forwarder:
                 try:
                     await self.balance()
                     busy = await self.forward_once()
+                    await self.tally.write_if_due()
                     failures = 0
                 except StoreUnavailable as exc:
                     failures += 1
@@ -105,7 +108,12 @@ class Forwarder:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
-            await asyncio.shield(self.shards.let_go_all())
+            await asyncio.shield(self._stop_writes())
+
+    async def _stop_writes(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.tally.write()
+        await self.shards.let_go_all()
 
     def stop(self) -> None:
         self._stopping = True
@@ -209,6 +217,7 @@ class Forwarder:
                            "event_id": body.get("event_id"), "source": a.copy.source,
                            "outcome": a.outcome},
                 )  # fmt: skip
+        self.tally.copies(absorbed)
         for (pixel, outcome), count in tally.items():
             if outcome in ("merged", "complete"):
                 self.metrics.merged.labels(pixel).inc(count)

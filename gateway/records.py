@@ -264,8 +264,28 @@ class CopyRecord:
         return shown
 
 
+class _AttemptRecord:
+    """What the records of an attempt share: stored as the member, outcome and time under
+    short names and the rest (`_named`) under their own; shown without the member."""
+
+    __slots__ = ()
+    outcome: ClassVar[str]
+    member: str
+    at: float
+
+    def _named(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"m": self.member, "o": self.outcome, "t": self.at, **self._named()})
+
+    def view(self) -> dict[str, Any]:
+        """The record as /debug shows it."""
+        return {"outcome": self.outcome, "at": self.at, **self._named()}
+
+
 @dataclass(frozen=True, slots=True)
-class ForwardRecord:
+class ForwardRecord(_AttemptRecord):
     """TikTok took the key's event: its request id and code, the batch, and the sends it
     took (over the key's retries)."""
 
@@ -277,9 +297,6 @@ class ForwardRecord:
     batch: str
     batch_size: int
     attempts: int
-
-    def to_json(self) -> bytes:
-        return orjson.dumps({"m": self.member, "o": self.outcome, "t": self.at, **self._named()})
 
     def _named(self) -> dict[str, Any]:
         return {
@@ -294,13 +311,9 @@ class ForwardRecord:
             s["attempts"],
         )  # fmt: skip
 
-    def view(self) -> dict[str, Any]:
-        """The record as /debug shows it."""
-        return {"outcome": self.outcome, "at": self.at, **self._named()}
-
 
 @dataclass(frozen=True, slots=True)
-class RetryRecord:
+class RetryRecord(_AttemptRecord):
     """A send failed: TikTok's (or the network's) answer, and when the key goes again."""
 
     outcome: ClassVar[str] = "retry"
@@ -312,9 +325,6 @@ class RetryRecord:
     retry_in: float
     batch: str
     attempt: int
-
-    def to_json(self) -> bytes:
-        return orjson.dumps({"m": self.member, "o": self.outcome, "t": self.at, **self._named()})
 
     def _named(self) -> dict[str, Any]:
         return {
@@ -329,13 +339,9 @@ class RetryRecord:
             s["batch"], s["attempt"],
         )  # fmt: skip
 
-    def view(self) -> dict[str, Any]:
-        """The record as /debug shows it."""
-        return {"outcome": self.outcome, "at": self.at, **self._named()}
-
 
 @dataclass(frozen=True, slots=True)
-class DeadRecord:
+class DeadRecord(_AttemptRecord):
     """The key was dead-lettered: why, and the sends it took."""
 
     outcome: ClassVar[str] = "dead_lettered"
@@ -346,9 +352,6 @@ class DeadRecord:
     message: str
     attempts: int
     batch: str | None = None  # none when it never left (too old, pixel gone)
-
-    def to_json(self) -> bytes:
-        return orjson.dumps({"m": self.member, "o": self.outcome, "t": self.at, **self._named()})
 
     def _named(self) -> dict[str, Any]:
         named: dict[str, Any] = {
@@ -364,10 +367,6 @@ class DeadRecord:
         return cls(
             s["m"], s["t"], s["reason"], s["code"], s["message"], s["attempts"], s.get("batch")
         )
-
-    def view(self) -> dict[str, Any]:
-        """The record as /debug shows it."""
-        return {"outcome": self.outcome, "at": self.at, **self._named()}
 
 
 HistoryRecord = CopyRecord | ForwardRecord | RetryRecord | DeadRecord

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .console.tally import Tally
 from .events import dedup_name
 from .merge import merge_copies
 from .metrics import MATCH_KEYS, Metrics
@@ -86,8 +87,10 @@ class BatchSender:
         settings: Settings,
         metrics: Metrics,
         clock: Callable[[], float],
+        tally: Tally,
     ) -> None:
         self.senders = senders
+        self.tally = tally
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
@@ -130,6 +133,10 @@ class BatchSender:
             self._rate_limited.get(first.pixel_code, 0) + 1 if throttled else 0
         )
         self.metrics.forward_requests.labels(result.outcome.value, result.code_class).inc()
+        if result.outcome is not Outcome.DELIVERED:
+            # A rejected batch is split and sent again: its events count at their own answer.
+            final = result.outcome is not Outcome.REJECTED or len(items) == 1
+            self.tally.answered(items, result, self.clock(), counted=final)
         self.metrics.forward_duration.observe(result.duration)
         if result.outcome is Outcome.DELIVERED:
             await self._delivered(items, result, batch)
@@ -153,6 +160,7 @@ class BatchSender:
         # Counted before the commit: TikTok has the events whatever happens to our
         # bookkeeping, and anyone who sees the key remembered also sees the counts.
         self._count_delivered(items, now)
+        self.tally.delivered(items, result, now)
         at, now_ms = round(now, 3), int(now * 1000)
         for item in items:
             record = ForwardRecord(item.key.member, at, result.request_id, result.code, batch,

@@ -53,6 +53,7 @@ class PendingKey:
     attempts: int = 0
     copies_received: int = 1
     duplicates: int = 0
+    in_retry_hash: bool = False  # written to the retry hash: its resolution deletes it there
 
     @property
     def source_set(self) -> frozenset[Source]:
@@ -72,7 +73,7 @@ class PendingKey:
             member=member, first_seen_ms=state.first_seen_ms, due_ms=state.due_ms,
             sources=state.sources, copies=list(state.copies), dedup=state.dedup, state="retry",
             attempts=state.attempts, copies_received=state.copies_received,
-            duplicates=state.duplicates,
+            duplicates=state.duplicates, in_retry_hash=True,
         )  # fmt: skip
 
 
@@ -102,6 +103,7 @@ class ShardWindow:
     # the log can be trimmed up to the first of them.
     pins: collections.OrderedDict[str, str] = field(default_factory=collections.OrderedDict)
     _due: list[tuple[int, str]] = field(default_factory=list)  # heap; stale items skipped
+    _retrying: int = 0  # pending keys in state "retry" (the rest are open or being sent)
     _commit: Commit | None = None
     _committed_ms: int = 0  # when the last commit was taken
 
@@ -115,6 +117,7 @@ class ShardWindow:
         for member, state in retries.items():
             key = PendingKey.from_retry(member, state)
             self.pending[member] = key
+            self._retrying += 1
             heapq.heappush(self._due, (key.due_ms, member))
 
     def unknown(self, entries: list[LogEntry]) -> list[str]:
@@ -213,6 +216,7 @@ class ShardWindow:
                 break
             _due, member = heapq.heappop(self._due)
             key = self.pending[member]
+            self._retrying -= key.state == "retry"
             key.state = "sending"
             key.attempts += 1
             taken.append(key)
@@ -234,6 +238,8 @@ class ShardWindow:
         """A send failed: the key waits in the retry hash, out of the log."""
         assert self._commit is not None
         key.state = "retry"
+        key.in_retry_hash = True
+        self._retrying += 1
         self._set_due(key, due_ms)
         self.pins.pop(key.member, None)
         self._commit.retry_set.append((key.member, key.retry_state()))
@@ -242,6 +248,7 @@ class ShardWindow:
     def release(self, key: PendingKey) -> None:
         """Not sent after all (stopping): due again as it was."""
         key.state = "open" if key.member in self.pins else "retry"
+        self._retrying += key.state == "retry"
         key.attempts -= 1
         self._set_due(key, key.due_ms)
 
@@ -250,8 +257,9 @@ class ShardWindow:
     ) -> None:
         assert self._commit is not None
         del self.pending[key.member]
+        self._retrying -= key.state == "retry"
         self.pins.pop(key.member, None)
-        if key.state == "retry" or key.attempts > 1:
+        if key.in_retry_hash:
             self._commit.retry_del.append(key.member)
         forget_ms = key.first_seen_ms + self.dedup_window_ms
         if not key.dedup or forget_ms <= now_ms:
@@ -308,7 +316,7 @@ class ShardWindow:
         c.seen = self.read_id if _id(self.read_id) > _id(self.counted_id) else ""
         first_pin = next(iter(self.pins.values()), None)
         c.trim = first_pin if first_pin is not None else _after(self.read_id)
-        c.pending = sum(1 for k in self.pending.values() if k.state != "retry")
+        c.pending = len(self.pending) - self._retrying
         c.due_ms = self.next_due() or 0
         self._commit = Commit(self.shard, seen=self.read_id)
         self._committed_ms = now_ms

@@ -30,6 +30,10 @@ from tests.cluster import NODES, BreakableCluster
 from tests.helpers import post_server, server_event, wait_drained, wait_for
 from tests.redis_faults import crash, revive
 from tests.support import PIXEL, TOKEN, Gateway, GatewayFactory
+from tests.test_console_data import (
+    test_live_lists_recent_keys_newest_first_with_filters,
+    test_overview_counts_pairs_duplicates_match_keys_and_answers,
+)
 from tests.test_dedup_e2e import (
     test_copy_after_the_forward_is_dropped,
     test_lone_event_is_forwarded_once_when_the_window_closes,
@@ -80,9 +84,11 @@ __all__ = [  # re-exported, so pytest collects them here too, on the cluster
     "test_every_script_runs_again_after_script_flush",
     "test_import_legacy_moves_pending_keys_into_the_log_with_their_copies",
     "test_inspect_fields_and_timeline",
+    "test_live_lists_recent_keys_newest_first_with_filters",
     "test_lone_event_is_forwarded_once_when_the_window_closes",
     "test_once_everything_is_resolved_the_logs_are_empty",
     "test_one_poison_event_is_isolated_and_its_batch_mates_delivered",
+    "test_overview_counts_pairs_duplicates_match_keys_and_answers",
     "test_pixel_and_server_copies_merge_into_one_enriched_event",
     "test_second_copy",
     "test_server_errors_are_retried_until_delivered",

@@ -780,7 +780,8 @@ async def legacy_key(
     """Write a pending key as the previous design kept it: hash, copies list, timeline list,
     due queue; returns its shard."""
     shard = store.shard_of(member)
-    hk, ck, tk = store.legacy_keys(shard, member)
+    p = store.prefix(shard)
+    hk, ck, tk = f"{p}k:{member}", f"{p}c:{member}", f"{p}t:{member}"  # as IMPORT_LEGACY reads
     fields = {"st": "open", "src": 1, "t0": 0, "due": 0, "n": len(copies), "att": 0, "nd": 0,
               "dup": 0, **state}  # fmt: skip
     await client.hset(hk, mapping=fields)

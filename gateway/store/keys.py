@@ -61,6 +61,15 @@ Shared by every shard:
     tkgw:instances        ZSET  instance id -> when its heartbeat expires (ms): how many
                                 instances share the shards, so each owns its fair share.
 
+The console's tallies (gateway/console/tally.py), written by the shard owners about once a
+second each, one script call a write (TALLY); all under one hash tag, one node of a cluster:
+
+    tkgw:{console}:m:<M>  HASH  counts of Unix minute M: `pixel|kind|label...` -> count (or
+                                a maximum); expires after CONSOLE_MINUTE_TTL.
+    tkgw:{console}:h:<H>  HASH  the same counts by Unix hour H; expires after CONSOLE_HOUR_TTL.
+    tkgw:{console}:answers HASH pixel -> TikTok's last answer for it (JSON); expires a week
+                                after the last write.
+
 The previous design's keys (`due`, `k:`, `c:`, `t:`, `h`: pending keys in hashes and
 lists, a per-shard due queue) are read once by IMPORT_LEGACY when a shard is first
 owned, and deleted; see LEGACY_LAYOUT.
@@ -76,6 +85,11 @@ from ..events import Event, Source, dedup_name
 
 LAYOUT_KEY = "tkgw:layout"
 INSTANCES_KEY = "tkgw:instances"
+CONSOLE_PREFIX = "tkgw:{console}:"
+CONSOLE_ANSWERS_KEY = CONSOLE_PREFIX + "answers"
+CONSOLE_MINUTE_TTL = 30 * 60  # the console shows minutes for the last 15 of them
+CONSOLE_HOUR_TTL = 26 * 3600  # and hours for the last 24
+CONSOLE_ANSWERS_TTL = 7 * 86400
 HISTORY_MIN_PER_SHARD = 10  # records kept a shard at least, when the history is on
 HISTORY_READ_CHUNK = 1000  # records a history scan reads a round trip
 SOURCE_BITS: dict[Source, int] = {"pixel": 1, "server": 2}
@@ -151,12 +165,6 @@ class Keys:
         """Debug history records kept over all shards."""
         return self.history_cap * self.shards
 
-    @staticmethod
-    def legacy_keys(shard: int, member: str) -> tuple[str, str, str]:
-        """The previous design's pending-key hash, copies list and timeline list."""
-        p = Keys.prefix(shard)
-        return f"{p}k:{member}", f"{p}c:{member}", f"{p}t:{member}"
-
     def rate_counter_key(self, client: str) -> str:
         """The browser rate limit's counter of one client address (see RATE_LIMIT)."""
         return f"{self.prefix(self.shard_of(client))}rl:{client}"
@@ -172,6 +180,16 @@ class Keys:
     def remembered_key(self, shard: int, bucket: int) -> str:
         """The hash a forwarded key's fingerprint is remembered in."""
         return f"{self.prefix(shard)}r:{bucket}"
+
+    @staticmethod
+    def console_minute_key(minute: int) -> str:
+        """The console's tallies of one Unix minute (seconds // 60)."""
+        return f"{CONSOLE_PREFIX}m:{minute}"
+
+    @staticmethod
+    def console_hour_key(hour: int) -> str:
+        """The console's tallies of one Unix hour (seconds // 3600)."""
+        return f"{CONSOLE_PREFIX}h:{hour}"
 
     @property
     def layout(self) -> str:

@@ -3,7 +3,7 @@
 The request path runs no script: ingest is a plain XADD to the shard's log. Scripts
 are for the steps that must be atomic: the owner's commit of a batch (fenced by its
 lease), the lease itself, a replay, the import of the previous design's keys, the
-sweep of forgotten fingerprints and the browser rate limit.
+sweep of forgotten fingerprints, the browser rate limit and the console's tallies.
 
 Key names inside a script are built from the shard's key prefix (see keys.py); they
 share its hash tag, so each call touches one slot. Redis Cluster routes a script by
@@ -211,6 +211,38 @@ return out
 """
 
 
+# KEYS[1] a minute's tallies, KEYS[2] its hour's, KEYS[3] the last answers (one hash tag)
+# ARGV[1] minute TTL s, ARGV[2] hour TTL s, ARGV[3] answers TTL s, ARGV[4] counts,
+# ARGV[5] maxima, then `counts` (field, increment) pairs, `maxima` (field, value) pairs,
+# and (pixel, answer JSON) pairs to the end.
+# Adds the counts to both hashes, keeps the larger of each maximum, sets the answers.
+# Returns 1. Run twice (a retried timeout), it counts twice: diagnostics, not state.
+TALLY = """
+local counts, maxima = tonumber(ARGV[4]), tonumber(ARGV[5])
+local i = 6
+for _ = 1, counts do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for _ = 1, maxima do
+  local value = tonumber(ARGV[i + 1])
+  for k = 1, 2 do
+    if value > tonumber(redis.call('HGET', KEYS[k], ARGV[i]) or '-1') then
+      redis.call('HSET', KEYS[k], ARGV[i], ARGV[i + 1])
+    end
+  end
+  i = i + 2
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+if i < #ARGV then
+  for j = i, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[j], ARGV[j + 1]) end
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+end
+return 1
+"""
+
 
 SCRIPTS = {
     name: _lua(source)
@@ -223,6 +255,7 @@ SCRIPTS = {
         ("import_legacy", IMPORT_LEGACY),
         ("sweep", SWEEP),
         ("rate_limit", RATE_LIMIT),
+        ("tally", TALLY),
     )
 }
 """Each script's source by name, the Python constants written in."""
