@@ -148,6 +148,9 @@ class Forwarder:
         now (a read that took a whole count, or more keys due than a round takes): then
         the next round starts at once, else after a poll, a wake or the next key due, so
         that what arrives meanwhile shares the round."""
+        for shard in self.shards.lapsed(self.clock()):
+            self.shards.drop(shard, "may have lost its lease (renewals failed)")
+            self.shards.next_balance = 0.0  # take it again, rebuilt from Redis
         windows = dict(self.windows)
         if not windows:
             return False
@@ -156,7 +159,13 @@ class Forwarder:
         outgoing: list[Outgoing] = []
         limit = self.settings.forward_batch_size
         more = full
-        for window in windows.values():
+        lapsed = set(self.shards.lapsed(now))
+        for shard, window in windows.items():
+            if shard in self.shards.failing or shard in lapsed:
+                # Its node did not answer the read (a send now could not be committed, and
+                # the key would go again from whoever commits next), or its lease may have
+                # run out meanwhile: it waits for the node, or for the next round's drop.
+                continue
             taken = window.take_due(int(now * 1000), limit)
             more = more or len(taken) == limit
             for key in taken:

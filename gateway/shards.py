@@ -42,13 +42,23 @@ class Shards:
         self.windows: dict[int, ShardWindow] = {}
         self.failing: dict[int, float] = {}
         """Owned shards whose last read or commit failed -> since when (Unix seconds)."""
+        self.held_until: dict[int, float] = {}
+        """Owned shards -> until when their lease surely holds (from before the call that
+        took or renewed it); past it, another instance may own the shard."""
         self._failing_said = -math.inf
         self.next_balance = 0.0  # when to balance again (0: at the next round)
 
     def drop(self, shard: int, why: str | None = None) -> None:
         """Forget a shard's window (its next owner rebuilds it from Redis); say why."""
+        self.held_until.pop(shard, None)
         if self.windows.pop(shard, None) is not None and why:
             log.warning("shard %d %s; letting it go", shard, why)
+
+    def lapsed(self, now: float) -> list[int]:
+        """Owned shards whose lease may have run out (renewals failed, a node away): a
+        send from their windows might race a new owner's, so they are let go and taken
+        again, rebuilt from Redis, before anything of theirs is sent."""
+        return [s for s in self.windows if self.held_until.get(s, 0.0) <= now]
 
     async def balance(self) -> None:
         """Own a fair share of the shards: take free ones, give back extra ones. Every
@@ -82,8 +92,10 @@ class Shards:
         others = (s for s in range(self.store.shards) if s not in self.windows)
         free = await self.store.unowned(others, self.token)
         random.shuffle(free)  # instances starting together take different shards first
+        asked = self.clock()
         for shard in await self.store.acquire(free[: share - len(self.windows)], self.token):
             await self._take_over(shard)
+            self.held_until[shard] = asked + self.settings.forward_lease
 
     async def _take_over(self, shard: int) -> None:
         """Start owning a shard: its predecessor's keys waiting for a retry, and its log
@@ -108,6 +120,7 @@ class Shards:
         while True:
             await asyncio.sleep(self.lease_step())
             owned = list(self.windows)
+            asked = self.clock()
             try:
                 held = await self.store.renew(owned, self.token)
             except StoreUnavailable:
@@ -118,6 +131,8 @@ class Shards:
             for shard, ours in held.items():
                 if ours is False:
                     self.drop(shard, "is owned by another instance now")
+                elif ours is True and shard in self.windows:
+                    self.held_until[shard] = asked + self.settings.forward_lease
 
     def lease_step(self) -> float:
         return max(0.05, self.settings.forward_lease / 3)
