@@ -154,6 +154,13 @@ async def test_a_mismatched_id_setup_is_diagnosed_on_the_checks_page(
     pairs = tab.page.locator("#check-pairs")
     await expect(pairs).to_be_visible(timeout=SECONDS)
     assert "ok" not in (await pairs.get_attribute("class") or "").split()
+
+    async def tallied() -> bool:  # the owner's counts land within about a second
+        await tab.page.reload()
+        return "ok" in (await tab.page.locator("#check-tiktok").get_attribute("class") or "")
+
+    await poll_until(tallied, "TikTok's answers counted on the checks page", every=0.2)
+    await expect(pairs).to_contain_text("0% of keys both sources send met")
     await expect(pairs.locator("td.pixel-id").first).to_contain_text("px-")
     await expect(pairs.locator("td.server-id").first).to_contain_text("order-100")
     await screenshot(tab, "checks")

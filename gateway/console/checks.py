@@ -113,10 +113,11 @@ def pairs(day: Totals, keys: Sequence[LiveKey], now: float, merge_window: float)
         evidence.append((event, f"{b} met, {p} pixel only, {s} server only"))
     samples = unpaired_samples(keys, now, min(merge_window, UNPAIRED_AFTER))
     if samples:
+        told = f" ({_share(met, met + alone)} of keys both sources send met)" if met + alone else ""
         return Check(
             "pairs", title, "fail",
             f"Pixel-only and server-only keys of the same event in the same minute: the two "
-            f"sources send different event_ids ({_share(met, met + alone)} of pairs met).",
+            f"sources send different event_ids{told}.",
             "Use one event_id for both copies: send the one the pixel used with the server "
             "event.", evidence, samples,
         )  # fmt: skip
@@ -201,7 +202,9 @@ def names(day: Totals) -> Check:
     if not seen:
         return Check("names", title, "unknown", "No events in 24 h.")
     if not problems:
-        return Check("names", title, "ok", f"{len(seen)} event names, spelled one way each.")
+        n = len(seen)
+        return Check("names", title, "ok",
+                     f"{n} event name{'s' if n > 1 else ''}, each spelled one way.")  # fmt: skip
     return Check(
         "names", title, "warn", "Some event names differ only in case or are aliases: copies "
         "under different names never meet.",

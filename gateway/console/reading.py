@@ -135,6 +135,11 @@ class ConsoleReader:
             )
         return out
 
+    async def pixels(self, now: float) -> list[str]:
+        """The pixels seen over the last 24 hours, or answered for: the pages' picker."""
+        day = await self.tallies("24h", now)
+        return sorted(set(day.pixels()) | set(await self.answers()))
+
     # -- the pages -----------------------------------------------------------------------
 
     async def overview(self, pixel: str | None, range_: Range, now: float) -> Overview:

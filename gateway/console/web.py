@@ -100,7 +100,7 @@ async def checks(request: web.Request) -> web.Response:
     reader = ConsoleReader(request.app[STORE])
     now = time.time()
     found = await reader.checks(pixel, now)
-    pixels = (await reader.overview(None, "24h", now)).pixels
+    pixels = await reader.pixels(now)
     return page(request, "checks.html", checks=found, pixel=pixel, pixels=pixels)
 
 
