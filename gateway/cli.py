@@ -27,7 +27,7 @@ from .errors import ConfigError, GatewayError
 from .logs import setup_logging
 from .setting_types import redact_url
 from .settings import Settings, effective
-from .store import Store, connect
+from .store import DeadLetterEntry, Store, connect
 
 log = logging.getLogger("gateway.cli")
 # Seconds `healthcheck` waits for /readyz; below the Dockerfile's HEALTHCHECK --timeout.
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     listing = dead_sub.add_parser("list", help="show dead letters")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     replay = dead_sub.add_parser("replay", help="send dead letters again")
-    replay.add_argument("ids", nargs="*", help="dead-letter ids to replay")
+    replay.add_argument("ids", nargs="*", help="dead-letter ids to replay (SHARD:ID, as listed)")
     replay.add_argument("--all", action="store_true", help="replay every dead letter")
     return parser
 
@@ -231,19 +231,20 @@ async def _list_dead_letters(store: Store, as_json: bool) -> int:
     letters = await store.dead_letters()
     if as_json:
         for dl in letters:
-            print(orjson.dumps({"id": dl.id, "member": dl.member, **dl.letter.stored()}).decode())
+            named = {"id": dl.ref, "member": dl.member, **dl.letter.stored()}
+            print(orjson.dumps(named).decode())
         return 0
     if not letters:
         print("no dead letters")
         return 0
     print(
-        f"{'ID':<20} {'PIXEL':<22} {'EVENT':<18} {'EVENT_ID':<24} {'REASON':<9} {'CODE':<6} "
+        f"{'ID':<24} {'PIXEL':<22} {'EVENT':<18} {'EVENT_ID':<24} {'REASON':<9} {'CODE':<6} "
         "MESSAGE"
     )
     for dl in letters:
         letter, event = dl.letter, dl.letter.event
         print(
-            f"{dl.id:<20} {letter.pixel_code:<22} {event.get('event', ''):<18} "
+            f"{dl.ref:<24} {letter.pixel_code:<22} {event.get('event', ''):<18} "
             f"{event.get('event_id', '')!s:<24} {letter.reason:<9} "
             f"{letter.code or '':<6} {letter.message}"
         )
@@ -256,10 +257,28 @@ async def _replay(store: Store, ids: Sequence[str], replay_all: bool) -> int:
         print("name dead-letter ids to replay, or --all", file=sys.stderr)
         return 2
     letters = await store.dead_letters()
-    chosen = letters if replay_all else [dl for dl in letters if dl.id in set(ids)]
-    unknown = set(ids) - {dl.id for dl in chosen}
-    for entry_id in sorted(unknown):
-        print(f"no dead letter {entry_id}", file=sys.stderr)
+    chosen, refused = (letters, []) if replay_all else _named_letters(letters, ids)
+    for why in refused:
+        print(why, file=sys.stderr)
     queued = await store.replay(chosen, time.time())
     print(f"replayed {queued} dead letter(s); they leave with the next forward")
-    return 1 if unknown else 0
+    return 1 if refused else 0
+
+
+def _named_letters(
+    letters: Sequence[DeadLetterEntry], names: Sequence[str]
+) -> tuple[list[DeadLetterEntry], list[str]]:
+    """The letters `names` name (`SHARD:ID` as listed, or a bare stream ID when one shard
+    has it), and a line for each name that names none, or several."""
+    chosen: dict[str, DeadLetterEntry] = {}
+    refused = []
+    for name in dict.fromkeys(names):
+        found = [dl for dl in letters if name in (dl.ref, dl.id)]
+        if len(found) == 1:
+            chosen[found[0].ref] = found[0]
+        elif not found:
+            refused.append(f"no dead letter {name}")
+        else:
+            refs = ", ".join(dl.ref for dl in found)
+            refused.append(f"dead letter {name} is in several shards ({refs}): name one")
+    return list(chosen.values()), refused

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from gateway import __version__
 from gateway.cli import main
+from gateway.records import DeadLetter
 from gateway.store import LAYOUT_KEY
 from tests.helpers import post_server, server_event, wait_drained, wait_timeline
 from tests.support import (
@@ -353,7 +354,8 @@ async def test_dead_letters_list_is_a_readable_table(
     header, row, footer = result.out.splitlines()
     assert header.split() == ["ID", "PIXEL", "EVENT", "EVENT_ID", "REASON", "CODE", "MESSAGE"]
     entry_id, pixel, event, event_id, reason, code, *message = row.split()
-    assert entry_id.count("-") == 1  # a stream entry id
+    shard, _, stream_id = entry_id.partition(":")  # SHARD:ID: stream ids repeat across shards
+    assert shard.isdigit() and stream_id.count("-") == 1
     assert (pixel, event, event_id) == (PIXEL, "Purchase", "bad-1")
     assert (reason, code) == ("rejected", "40002")
     assert " ".join(message) == "data.0.event_id: Invalid value"
@@ -458,3 +460,32 @@ async def test_replay_of_an_unknown_id_is_reported(
     assert result.out.startswith("replayed 1 dead letter(s)")
     events = await tiktok.wait_for_events(2)
     assert events[-1]["event_id"] == "bad-1"
+
+
+async def test_a_stream_id_two_shards_share_is_refused_and_shard_id_replays_one(
+    cli: Cli, make_gateway: GatewayFactory, redis_client: aioredis.Redis
+) -> None:
+    gateway = await make_gateway(forward=False)
+    store = gateway.store
+    for shard, event_id in ((1, "twin-a"), (2, "twin-b")):
+        letter = DeadLetter(
+            reason="rejected", code=40002, message="bad", pixel_code=PIXEL,
+            event_source="web", test_event_code=None, first_seen=1.0, dead_lettered_at=2.0,
+            attempts=1, dedup=True, event={"event": "Purchase", "event_id": event_id},
+        )  # fmt: skip
+        member = store.member_of(PIXEL, event_id, "Purchase")
+        fields = {"member": member, "letter": letter.to_json()}
+        await redis_client.xadd(store.dead_key(shard), fields, id="1700000000000-0")
+
+    result = await cli("dead-letters", "replay", "1700000000000-0")
+    assert result.code == 1
+    assert result.err_lines == [
+        "dead letter 1700000000000-0 is in several shards (1:1700000000000-0, "
+        "2:1700000000000-0): name one"
+    ]
+    assert result.out.startswith("replayed 0 dead letter(s)")
+
+    result = await cli("dead-letters", "replay", "2:1700000000000-0")
+    assert result.code == 0, result
+    [left] = await store.dead_letters()
+    assert left.letter.event["event_id"] == "twin-a"

@@ -30,8 +30,8 @@ TEST_ID_PREFIX = "console-test-"
 
 
 def letter_ref(dl: DeadLetterEntry) -> str:
-    """A dead letter's id in forms: its shard and stream id (stream ids repeat across shards)."""
-    return f"{dl.shard}:{dl.id}"
+    """A dead letter's id in forms (see DeadLetterEntry.ref)."""
+    return dl.ref
 
 
 async def dead_letters(request: web.Request) -> web.Response:

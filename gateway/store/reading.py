@@ -40,6 +40,12 @@ class DeadLetterEntry:
     member: str
     letter: DeadLetter
 
+    @property
+    def ref(self) -> str:
+        """`SHARD:ID`, what names one letter: stream ids repeat across shards (two letters
+        written in the same millisecond to two shards' streams get the same id)."""
+        return f"{self.shard}:{self.id}"
+
 
 class Reader:
     """Reads of the store's keys (laid out by `keys`), through the runner's client."""
