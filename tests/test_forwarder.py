@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 
+from gateway.appkeys import FORWARDER
 from gateway.records import Copy
 from gateway.sending import Pacer, build_outgoing
 from gateway.store import Keys
@@ -177,3 +178,27 @@ async def test_pacer_spaces_requests_per_key() -> None:
     await pacer.wait("a")
     await pacer.wait("b")
     assert pacer._next == {"a": 100.001, "b": 100.001}
+
+
+async def test_a_shard_whose_lease_may_have_lapsed_is_rebuilt_before_it_sends(
+    make_gateway: GatewayFactory, tiktok: TikTokStub, http: aiohttp.ClientSession
+) -> None:
+    # As after renewals that failed for longer than the lease (its node away): the window
+    # is not trusted; the shard is taken again, rebuilt from its log, and the key sent once.
+    gateway = await make_gateway(merge_window=0.5)
+    forwarder = gateway.app[FORWARDER]
+    await post_server(http, gateway.url, [server_event("lapsed-1")])
+    member = gateway.store.member_of(PIXEL, "lapsed-1", "Purchase")
+    shard = gateway.store.shard_of(member)
+    await wait_for(
+        lambda: member in getattr(forwarder.windows.get(shard), "pending", {}),
+        "the key open in its owner's window",
+    )
+    window = forwarder.windows[shard]
+    forwarder.shards.held_until[shard] = 0.0
+
+    [event] = await tiktok.wait_for_events(1)
+    assert event["event_id"] == "lapsed-1"
+    await wait_drained(gateway)
+    assert forwarder.windows[shard] is not window  # let go and taken again
+    assert len(tiktok.events()) == 1
