@@ -148,23 +148,24 @@ class Forwarder:
         now (a read that took a whole count, or more keys due than a round takes): then
         the next round starts at once, else after a poll, a wake or the next key due, so
         that what arrives meanwhile shares the round."""
-        for shard in self.shards.lapsed(self.clock()):
-            self.shards.drop(shard, "may have lost its lease (renewals failed)")
-            self.shards.next_balance = 0.0  # take it again, rebuilt from Redis
         windows = dict(self.windows)
         if not windows:
             return False
         full = await self._read(windows)
         now = self.clock()
+        # After the read, which may have waited for a node that is away: a window let go
+        # meanwhile (its renewal refused) or whose lease may have run out sends nothing.
+        for shard in self.shards.lapsed(now):
+            self.shards.drop(shard, "may have lost its lease (renewals failed)")
+            self.shards.next_balance = 0.0  # take it again, rebuilt from Redis
+        windows = {s: w for s, w in windows.items() if self.windows.get(s) is w}
         outgoing: list[Outgoing] = []
         limit = self.settings.forward_batch_size
         more = full
-        lapsed = set(self.shards.lapsed(now))
         for shard, window in windows.items():
-            if shard in self.shards.failing or shard in lapsed:
-                # Its node did not answer the read (a send now could not be committed, and
-                # the key would go again from whoever commits next), or its lease may have
-                # run out meanwhile: it waits for the node, or for the next round's drop.
+            if shard in self.shards.failing:
+                # Its node did not answer the read: a send now could not be committed, and
+                # the key would go again from whoever commits next. It waits for the node.
                 continue
             taken = window.take_due(int(now * 1000), limit)
             more = more or len(taken) == limit
