@@ -15,8 +15,9 @@ and text are stored as orjson writes them; nothing here re-encodes a body.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import orjson
 
@@ -266,15 +267,36 @@ class CopyRecord:
 
 class _AttemptRecord:
     """What the records of an attempt share: stored as the member, outcome and time under
-    short names and the rest (`_named`) under their own; shown without the member."""
+    short names and their other fields under their own names, in declaration order (a
+    field defaulting to None is left out while None); shown without the member."""
 
     __slots__ = ()
     outcome: ClassVar[str]
     member: str
     at: float
 
+    @classmethod
+    def _fields(cls) -> tuple[tuple[str, bool], ...]:
+        """(name, optional) of the fields after `member` and `at`, worked out once."""
+        found = _ATTEMPT_FIELDS.get(cls)
+        if found is None:
+            found = _ATTEMPT_FIELDS[cls] = tuple(
+                (f.name, f.default is None) for f in dataclasses.fields(cls)[2:]  # type: ignore[arg-type]
+            )
+        return found
+
     def _named(self) -> dict[str, Any]:
-        raise NotImplementedError
+        named = {}
+        for name, optional in self._fields():
+            value = getattr(self, name)
+            if value is not None or not optional:
+                named[name] = value
+        return named
+
+    @classmethod
+    def from_stored(cls, s: dict[str, Any]) -> Self:
+        rest = (s.get(name) if optional else s[name] for name, optional in cls._fields())
+        return cls(s["m"], s["t"], *rest)  # type: ignore[call-arg]
 
     def to_json(self) -> bytes:
         return orjson.dumps({"m": self.member, "o": self.outcome, "t": self.at, **self._named()})
@@ -282,6 +304,9 @@ class _AttemptRecord:
     def view(self) -> dict[str, Any]:
         """The record as /debug shows it."""
         return {"outcome": self.outcome, "at": self.at, **self._named()}
+
+
+_ATTEMPT_FIELDS: dict[type, tuple[tuple[str, bool], ...]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,19 +323,6 @@ class ForwardRecord(_AttemptRecord):
     batch_size: int
     attempts: int
 
-    def _named(self) -> dict[str, Any]:
-        return {
-            "request_id": self.request_id, "code": self.code, "batch": self.batch,
-            "batch_size": self.batch_size, "attempts": self.attempts,
-        }  # fmt: skip
-
-    @classmethod
-    def from_stored(cls, s: dict[str, Any]) -> ForwardRecord:
-        return cls(
-            s["m"], s["t"], s["request_id"], s["code"], s["batch"], s["batch_size"],
-            s["attempts"],
-        )  # fmt: skip
-
 
 @dataclass(frozen=True, slots=True)
 class RetryRecord(_AttemptRecord):
@@ -326,19 +338,6 @@ class RetryRecord(_AttemptRecord):
     batch: str
     attempt: int
 
-    def _named(self) -> dict[str, Any]:
-        return {
-            "code": self.code, "http_status": self.http_status, "message": self.message,
-            "retry_in": self.retry_in, "batch": self.batch, "attempt": self.attempt,
-        }  # fmt: skip
-
-    @classmethod
-    def from_stored(cls, s: dict[str, Any]) -> RetryRecord:
-        return cls(
-            s["m"], s["t"], s["code"], s["http_status"], s["message"], s["retry_in"],
-            s["batch"], s["attempt"],
-        )  # fmt: skip
-
 
 @dataclass(frozen=True, slots=True)
 class DeadRecord(_AttemptRecord):
@@ -352,21 +351,6 @@ class DeadRecord(_AttemptRecord):
     message: str
     attempts: int
     batch: str | None = None  # none when it never left (too old, pixel gone)
-
-    def _named(self) -> dict[str, Any]:
-        named: dict[str, Any] = {
-            "reason": self.reason, "code": self.code, "message": self.message,
-            "attempts": self.attempts,
-        }  # fmt: skip
-        if self.batch is not None:
-            named["batch"] = self.batch
-        return named
-
-    @classmethod
-    def from_stored(cls, s: dict[str, Any]) -> DeadRecord:
-        return cls(
-            s["m"], s["t"], s["reason"], s["code"], s["message"], s["attempts"], s.get("batch")
-        )
 
 
 HistoryRecord = CopyRecord | ForwardRecord | RetryRecord | DeadRecord

@@ -15,7 +15,6 @@ from ..appkeys import FORWARDER, SETTINGS, STORE
 from ..demo import DEMO_PIXEL_CODE
 from ..ingest import INGEST, parse_options, store_and_answer
 from ..settings import Settings
-from ..store import DeadLetterEntry
 from .render import error_page, key_path, page
 
 log = logging.getLogger("gateway.console")
@@ -29,18 +28,13 @@ TEST_ID_PREFIX = "console-test-"
 # -- dead letters --------------------------------------------------------------------------
 
 
-def letter_ref(dl: DeadLetterEntry) -> str:
-    """A dead letter's id in forms (see DeadLetterEntry.ref)."""
-    return dl.ref
-
-
 async def dead_letters(request: web.Request) -> web.Response:
     """GET /console/dead-letters — every dead letter, newest first, each with Replay."""
     letters = await request.app[STORE].dead_letters()
     letters.sort(key=lambda dl: dl.letter.dead_lettered_at, reverse=True)
     replayed = request.query.get("replayed", "")
     return page(
-        request, "dead_letters.html", letters=letters, ref=letter_ref,
+        request, "dead_letters.html", letters=letters,
         replayed=int(replayed) if replayed.isdigit() and len(replayed) < 9 else None,
     )  # fmt: skip
 
@@ -54,11 +48,11 @@ async def replay(request: web.Request) -> web.Response:
         chosen = letters
     else:
         wanted = {v for v in form.getall("letter", []) if isinstance(v, str)}
-        chosen = [dl for dl in letters if letter_ref(dl) in wanted]
+        chosen = [dl for dl in letters if dl.ref in wanted]
     if form.get("confirm") != "yes":
         # The confirmation names each letter: what is confirmed is what is replayed, even if
         # more letters arrive meanwhile.
-        return page(request, "confirm_replay.html", letters=chosen, ref=letter_ref)
+        return page(request, "confirm_replay.html", letters=chosen)
     queued = await request.app[STORE].replay(chosen, time.time()) if chosen else 0
     request.app[FORWARDER].wake()
     log.info("console: replayed %d dead letter(s)", queued, extra={"outcome": "replayed"})

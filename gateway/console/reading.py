@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from ..events import dedup_name
+from ..metrics import MATCH_KEYS
 from ..records import (
     CopyRecord,
     DeadRecord,
@@ -23,11 +24,11 @@ from ..records import (
 )
 from ..store import Store
 from ..store.keys import CONSOLE_ANSWERS_KEY
+from ..store.reading import COPY_OUTCOMES as STORED_COPY_OUTCOMES
 from ..store.runner import text
 from .checks import run_checks
 from .views import (
     ANSWER_CLASSES,
-    MATCH_KEYS,
     Answer,
     Check,
     CopySeen,
@@ -39,7 +40,7 @@ from .views import (
 )
 
 LIVE_RECORDS = 200  # newest history records a live view reads a shard
-COPY_OUTCOMES = ("new", "merged", "complete", "replayed", "duplicate")
+COPY_OUTCOMES = (*STORED_COPY_OUTCOMES, "duplicate")  # a copy's record, whatever it counted as
 
 
 @dataclass(slots=True)
@@ -226,11 +227,13 @@ class ConsoleReader:
 
 def event_rows(t: Totals) -> list[EventRow]:
     """The events table of some totals, most received first."""
-    received = t.by("r")
-    events = {labels[1] for labels in received} | {labels[0] for labels in t.by("f")}
+    forwarded: dict[str, dict[str, int]] = {}  # event -> pair -> keys
+    for (event, pair), v in t.by("f").items():
+        forwarded.setdefault(event, {})[pair] = v
+    events = {labels[1] for labels in t.by("r")} | set(forwarded)
     rows = []
     for event in events:
-        pairs = {labels[1]: v for labels, v in t.by("f").items() if labels[0] == event}
+        pairs = forwarded.get(event, {})
         rows.append(
             EventRow(
                 event=event,

@@ -10,8 +10,6 @@ from typing import Literal
 
 Range = Literal["15m", "24h"]
 RANGES: dict[str, int] = {"15m": 15 * 60, "24h": 24 * 3600}  # seconds each range covers
-# The match keys TikTok's Event Match Quality is built from, in the order shown.
-MATCH_KEYS = ("email", "phone", "external_id", "ttclid", "ttp", "ip", "user_agent")
 # What TikTok made of the events sent, by class (see console/tally.py).
 ANSWER_CLASSES = ("ok", "retry", "rate_limited", "auth", "rejected")
 Verdict = Literal["ok", "warn", "fail", "unknown"]

@@ -31,12 +31,13 @@ from redis.exceptions import RedisClusterException, RedisError
 from ..answers import logged_path
 from ..appkeys import SETTINGS, STORE
 from ..errors import RequestError, StoreUnavailable
+from ..metrics import MATCH_KEYS
 from ..settings import Settings
 from . import access, actions
 from .access import Access
 from .reading import ConsoleReader
 from .render import ACCESS, chart, error_page, live_json, page
-from .views import ANSWER_CLASSES, MATCH_KEYS, RANGES, Range
+from .views import ANSWER_CLASSES, RANGES, Range
 
 log = logging.getLogger("gateway.console")
 
